@@ -1,0 +1,1 @@
+//! WGSL compute kernels run through wgpu.

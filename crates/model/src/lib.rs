@@ -1,0 +1,1 @@
+//! Qwen2 model with TransformerLens hook points.
