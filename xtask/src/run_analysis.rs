@@ -1,0 +1,7 @@
+#[derive(clap::Args)]
+pub struct Args {}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    let _ = args;
+    anyhow::bail!("this task is under construction")
+}
