@@ -1,0 +1,71 @@
+//! The error type of the analysis crate.
+
+use std::path::PathBuf;
+
+/// Errors of the analysis routines: invalid requests (layer, head, token or pattern out of range),
+/// model failures and output files that could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum AnalysisError {
+    /// A layer index outside the model.
+    #[error("layer {layer} is out of range: the model has {n_layers} layers (valid: 0..={max})", max = n_layers.saturating_sub(1))]
+    LayerOutOfRange { layer: usize, n_layers: usize },
+
+    /// A query or KV head index outside the layer.
+    #[error("{kind} head {head} is out of range: each layer has {count} {kind} heads (valid: 0..={max})", max = count.saturating_sub(1))]
+    HeadOutOfRange {
+        kind: &'static str,
+        head: usize,
+        count: usize,
+    },
+
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is out of range: the vocabulary has {d_vocab} entries")]
+    TokenOutOfRange { id: u32, d_vocab: usize },
+
+    /// A prompt too short for the requested analysis.
+    #[error("the prompt has {tokens} tokens but {what} needs at least {min}; use a longer prompt")]
+    PromptTooShort {
+        tokens: usize,
+        min: usize,
+        what: &'static str,
+    },
+
+    /// Clean and corrupted prompts of different token lengths.
+    #[error(
+        "the clean prompt has {clean} tokens and the corrupted prompt has {corrupted}; activation patching needs prompts of equal token length, so reword one of them"
+    )]
+    LengthMismatch { clean: usize, corrupted: usize },
+
+    /// A pattern array that does not fit the request.
+    #[error("invalid attention pattern {source_name}: {reason}")]
+    InvalidPattern { source_name: String, reason: String },
+
+    /// Any other invalid argument, with the value and the fix in the message.
+    #[error("{0}")]
+    InvalidArgument(String),
+
+    /// A file could not be read or written.
+    #[error("failed to {action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+
+    /// A PNG could not be encoded.
+    #[error("failed to encode the image {path}: {source}")]
+    Image {
+        path: PathBuf,
+        source: image::ImageError,
+    },
+
+    /// A JSON document could not be serialized.
+    #[error("failed to serialize {path} as JSON: {source}")]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// Result alias of the analysis crate.
+pub type Result<T, E = AnalysisError> = std::result::Result<T, E>;

@@ -1,0 +1,192 @@
+//! Output files written atomically: the data goes to a temporary file in the target folder, which
+//! is then renamed over the target, so a reader never sees a half-written file.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use image::RgbImage;
+use serde::Serialize;
+
+use crate::error::{AnalysisError, Result};
+
+/// Writes `bytes` to `path` through a temporary file in the same folder renamed into place.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let io_error = |action, source| AnalysisError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    };
+
+    let dir = match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&dir).map_err(|e| io_error("create the folder of", e))?;
+
+    let file_name = path.file_name().ok_or_else(|| {
+        AnalysisError::InvalidArgument(format!("output path {} has no file name", path.display()))
+    })?;
+    let temp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name.to_string_lossy(),
+        std::process::id()
+    ));
+
+    let result = (|| {
+        let mut file = std::fs::File::create(&temp)?;
+        file.write_all(bytes)?;
+        file.sync_all()?;
+        std::fs::rename(&temp, path)
+    })();
+    if let Err(source) = result {
+        // The temporary file is garbage once the write failed; a failure to remove it changes nothing.
+        let _ = std::fs::remove_file(&temp);
+        return Err(io_error("write", source));
+    }
+
+    tracing::debug!(path = %path.display(), bytes = bytes.len(), "wrote file");
+    Ok(())
+}
+
+/// Writes `value` as pretty-printed JSON.
+pub fn write_json<T: Serialize>(path: &Path, value: &T) -> Result<()> {
+    let mut text = serde_json::to_vec_pretty(value).map_err(|source| AnalysisError::Json {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    text.push(b'\n');
+    write_atomic(path, &text)
+}
+
+/// Writes a CSV table: the header line, then one line per row. Fields are numbers or plain words,
+/// so no quoting is needed; a field containing a comma, quote or newline is quoted anyway.
+pub fn write_csv(path: &Path, header: &[&str], rows: &[Vec<String>]) -> Result<()> {
+    let mut text = String::new();
+    push_csv_line(&mut text, header.iter().copied());
+    for row in rows {
+        push_csv_line(&mut text, row.iter().map(String::as_str));
+    }
+    write_atomic(path, text.as_bytes())
+}
+
+fn push_csv_line<'a>(text: &mut String, fields: impl Iterator<Item = &'a str>) {
+    for (i, field) in fields.enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        if field.contains([',', '"', '\n', '\r']) {
+            text.push('"');
+            text.push_str(&field.replace('"', "\"\""));
+            text.push('"');
+        } else {
+            text.push_str(field);
+        }
+    }
+    text.push('\n');
+}
+
+/// Encodes an RGB image as PNG and writes it.
+pub fn write_png(path: &Path, image: &RgbImage) -> Result<()> {
+    let mut bytes = Vec::new();
+    image
+        .write_to(
+            &mut std::io::Cursor::new(&mut bytes),
+            image::ImageFormat::Png,
+        )
+        .map_err(|source| AnalysisError::Image {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn csv_quotes_special_fields() {
+        let dir = std::env::temp_dir().join(format!("qwenlens-csv-{}", std::process::id()));
+        let path = dir.join("table.csv");
+        let rows = vec![
+            vec!["1".to_string(), "a,b".to_string()],
+            vec!["2".to_string(), "say \"hi\"".to_string()],
+        ];
+
+        write_csv(&path, &["id", "text"], &rows).unwrap();
+
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(text, "id,text\n1,\"a,b\"\n2,\"say \"\"hi\"\"\"\n");
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "temporary files left behind: {leftovers:?}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn write_atomic_replaces_existing_file() {
+        let dir = std::env::temp_dir().join(format!("qwenlens-atomic-{}", std::process::id()));
+        let path = dir.join("out.json");
+
+        write_atomic(&path, b"old").unwrap();
+        write_json(&path, &serde_json::json!({"a": 1})).unwrap();
+
+        let value: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(value["a"], 1);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
+
+#[cfg(test)]
+mod png_tests {
+    use super::*;
+    use crate::render::{ColorScale, Heatmap};
+    use crate::tokens::position_labels;
+
+    #[test]
+    fn png_decodes_back_to_the_rendered_image() {
+        let dir = std::env::temp_dir().join(format!("qwenlens-png-{}", std::process::id()));
+        let path = dir.join("pattern.png");
+        let words: Vec<String> = ["The", " quick", " brown", " fox", "\n", " jumps"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let n = words.len();
+        let values: Vec<f32> = (0..n * n)
+            .map(|k| {
+                if k % n <= k / n {
+                    1.0 / (k / n + 1) as f32
+                } else {
+                    f32::NAN
+                }
+            })
+            .collect();
+        let labels = position_labels(&words, 12);
+        let image = Heatmap::new(
+            "L0H3",
+            n,
+            n,
+            values,
+            ColorScale::Sequential { min: 0.0, max: 1.0 },
+        )
+        .with_axes("query", labels.clone(), "key", labels)
+        .render();
+
+        write_png(&path, &image).unwrap();
+
+        let decoded = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(decoded.dimensions(), image.dimensions());
+        assert_eq!(decoded.as_raw(), image.as_raw());
+        if let Some(keep) = std::env::var_os("QWENLENS_KEEP_PNG") {
+            std::fs::copy(&path, keep).unwrap();
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
