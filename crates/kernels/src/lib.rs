@@ -11,6 +11,7 @@ mod tensor;
 
 pub mod cpu;
 pub mod gpu;
+pub mod reference;
 
 pub use backend::{AttentionOutput, AttentionParams, Backend, PatternOverride};
 pub use error::{KernelError, Result};
