@@ -9,20 +9,24 @@
 mod cache;
 mod error;
 mod forward;
+mod generate;
 mod hooks;
 mod interventions;
 mod limits;
 mod logits;
 mod model;
 mod patterns;
+pub mod sampling;
 mod tokens;
 
 pub use cache::{ActivationCache, HostTensor};
 pub use error::{ModelError, Result};
 pub use forward::{KvCache, RunOptions, RunOutput};
+pub use generate::{GenerateOptions, Generation, StopReason, TextStream};
 pub use hooks::{BlockHook, HookFilter, HookPoint};
 pub use interventions::{HookContext, HookFn, Hooks, Intervention, PatternFn, PatternSpec, Scope};
 pub use limits::DeviceLimits;
 pub use logits::{LogitRows, Logits};
 pub use model::Model;
+pub use sampling::{Sampler, Sampling};
 pub use tokens::TokenBatch;
