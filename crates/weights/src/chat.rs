@@ -363,7 +363,7 @@ impl PythonJson {
             ValueKind::Map => {
                 let mut keys: Vec<Value> = value.try_iter()?.collect();
                 if self.sort_keys {
-                    keys.sort_by(|a, b| a.to_string().cmp(&b.to_string()));
+                    keys.sort_by_key(|key| key.to_string());
                 }
                 self.write_container(out, depth, '{', '}', keys.len(), |index, out| {
                     let key = &keys[index];
