@@ -6,6 +6,7 @@
 //! their stored dtype (bf16, f16 or f32) and unpacked inside the kernels.
 
 mod backend;
+mod device;
 mod error;
 mod tensor;
 
@@ -14,6 +15,7 @@ pub mod gpu;
 pub mod reference;
 
 pub use backend::{AttentionOutput, AttentionParams, Backend, PatternOverride};
+pub use device::{Device, ParseDeviceError, create_backend};
 pub use error::{KernelError, Result};
 pub use qwenlens_weights::DType;
 pub use tensor::{Tensor, Weight};

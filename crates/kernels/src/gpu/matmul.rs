@@ -1,0 +1,192 @@
+//! Matmul (prefill kernels and GEMV) and the embedding gather, both over row-chunked weights.
+
+use crate::{KernelError, Result, Tensor, Weight};
+
+use super::pipelines::dtype_code;
+use super::{GpuBackend, MatmulKernel};
+
+impl GpuBackend {
+    pub(super) fn embedding_impl(&self, table: &Weight, ids: &[u32]) -> Result<Tensor> {
+        let op = "embedding";
+        let chunks = self.ctx.weight_chunks(op, table)?;
+        let [vocab, d] = table.shape() else {
+            return Err(KernelError::Shape {
+                op,
+                detail: format!("table must be [vocab, d], got {:?}", table.shape()),
+            });
+        };
+        let (vocab, d) = (*vocab, *d);
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(KernelError::OutOfRange {
+                op,
+                what: "token id",
+                value: id as usize,
+                limit: vocab,
+            });
+        }
+
+        let out = self.ctx.new_tensor(op, vec![ids.len(), d])?;
+        if ids.is_empty() || d == 0 {
+            return Ok(out);
+        }
+
+        let out_window = self.ctx.whole(op, self.ctx.tensor_buffer(op, &out)?)?;
+        let ids_buffer = self.ctx.upload_u32("token ids", ids)?;
+        let ids_window = self.ctx.whole(op, &ids_buffer)?;
+        let grid = self.ctx.grid(op, ids.len() * d, 64)?;
+        let pipeline = self.pipelines.embedding.get(table.dtype());
+
+        let mut encoder = self.ctx.encoder();
+        for chunk in chunks {
+            let table_window = self.ctx.whole(op, &chunk.buffer)?;
+            let params = [
+                ids.len() as u32,
+                d as u32,
+                chunk.row_start as u32,
+                chunk.rows as u32,
+            ];
+            self.ctx.dispatch(
+                &mut encoder,
+                pipeline,
+                &[(0, &table_window), (1, &ids_window), (2, &out_window)],
+                3,
+                &params,
+                grid,
+            );
+        }
+        self.ctx.submit(encoder);
+        Ok(out)
+    }
+
+    pub(super) fn matmul_impl(
+        &self,
+        x: &Tensor,
+        w: &Weight,
+        bias: Option<&Weight>,
+    ) -> Result<Tensor> {
+        let op = "matmul";
+        let chunks = self.ctx.weight_chunks(op, w)?;
+        let [n, k] = w.shape() else {
+            return Err(KernelError::Shape {
+                op,
+                detail: format!("weight must be [n, k], got {:?}", w.shape()),
+            });
+        };
+        let (n, k) = (*n, *k);
+        if x.shape().is_empty() || x.last_dim() != k {
+            return Err(KernelError::Shape {
+                op,
+                detail: format!(
+                    "x {:?} does not end in k = {k} of weight {:?}",
+                    x.shape(),
+                    w.shape()
+                ),
+            });
+        }
+        if let Some(bias) = bias
+            && bias.shape() != [n]
+        {
+            return Err(KernelError::Shape {
+                op,
+                detail: format!(
+                    "bias {:?} does not match n = {n} of weight {:?}",
+                    bias.shape(),
+                    w.shape()
+                ),
+            });
+        }
+
+        let m = x.rows();
+        let mut out_shape = x.shape().to_vec();
+        *out_shape.last_mut().expect("x has a last dimension") = n;
+        let out = self.ctx.new_tensor(op, out_shape)?;
+        if m == 0 || n == 0 {
+            return Ok(out);
+        }
+
+        let x_buffer = self.ctx.tensor_buffer(op, x)?;
+        let out_buffer = self.ctx.tensor_buffer(op, &out)?;
+        let dummy_bias;
+        let (bias_window, bias_mode) = match bias {
+            Some(bias) => (
+                self.ctx.whole(op, self.ctx.weight_single(op, bias)?)?,
+                dtype_code(bias.dtype()) + 1,
+            ),
+            None => {
+                dummy_bias = self.ctx.upload_u32("no bias", &[])?;
+                (self.ctx.whole(op, &dummy_bias)?, 0)
+            }
+        };
+
+        let use_gemv = m <= self.gemv_max_rows;
+        let (pipelines, block) = match (use_gemv, self.matmul_kernel) {
+            (true, _) => (&self.pipelines.gemv, 0),
+            (false, MatmulKernel::RegisterBlocked) => (&self.pipelines.matmul_reg4x4, 32),
+            (false, MatmulKernel::Tiled) => (&self.pipelines.matmul_tiled, 16),
+        };
+        let pipeline = pipelines.get(w.dtype());
+
+        // Windows of whole rows must fit both x (row length k) and the output (row length n).
+        let x_runs = self.ctx.row_windows(op, m, k)?;
+        let out_runs = self.ctx.row_windows(op, m, n)?;
+        let rows_per_run = x_runs[0].1.min(out_runs[0].1);
+
+        let mut encoder = self.ctx.encoder();
+        for m0 in (0..m).step_by(rows_per_run) {
+            let mc = rows_per_run.min(m - m0);
+            let x_window = self.ctx.window(op, x_buffer, m0 * k, mc * k)?;
+            let out_window = self.ctx.window(op, out_buffer, m0 * n, mc * n)?;
+            for chunk in chunks {
+                let w_window = self.ctx.whole(op, &chunk.buffer)?;
+                let params = [
+                    mc as u32,
+                    n as u32,
+                    k as u32,
+                    chunk.row_start as u32,
+                    chunk.rows as u32,
+                    x_window.base,
+                    out_window.base,
+                    bias_mode,
+                ];
+                let grid = if use_gemv {
+                    [chunk.rows.div_ceil(64) as u32, mc as u32, 1]
+                } else {
+                    [
+                        chunk.rows.div_ceil(block) as u32,
+                        mc.div_ceil(block) as u32,
+                        1,
+                    ]
+                };
+                self.check_grid(op, grid)?;
+                self.ctx.dispatch(
+                    &mut encoder,
+                    pipeline,
+                    &[
+                        (0, &x_window),
+                        (1, &w_window),
+                        (2, &bias_window),
+                        (3, &out_window),
+                    ],
+                    4,
+                    &params,
+                    grid,
+                );
+            }
+        }
+        self.ctx.submit(encoder);
+        Ok(out)
+    }
+
+    fn check_grid(&self, op: &'static str, grid: [u32; 3]) -> Result<()> {
+        let max = self.ctx.limits.max_compute_workgroups_per_dimension;
+        match grid.iter().find(|&&groups| groups > max) {
+            Some(&groups) => Err(KernelError::Shape {
+                op,
+                detail: format!(
+                    "{groups} workgroups in one dimension exceed the device maximum of {max}"
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+}
