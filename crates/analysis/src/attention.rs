@@ -41,6 +41,17 @@ pub enum HeadLabel {
     InductionCandidate,
 }
 
+impl HeadLabel {
+    /// The label as written in JSON and on pictures.
+    pub fn name(self) -> &'static str {
+        match self {
+            HeadLabel::PreviousToken => "previous-token",
+            HeadLabel::Sink => "sink",
+            HeadLabel::InductionCandidate => "induction-candidate",
+        }
+    }
+}
+
 /// Statistics of one query head's pattern on one prompt.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct HeadStats {

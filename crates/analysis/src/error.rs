@@ -44,6 +44,10 @@ pub enum AnalysisError {
     #[error("{0}")]
     InvalidArgument(String),
 
+    /// The model failed (loading, a run, an intervention).
+    #[error(transparent)]
+    Model(#[from] qwenlens_model::ModelError),
+
     /// A file could not be read or written.
     #[error("failed to {action} {path}: {source}")]
     Io {

@@ -6,10 +6,16 @@
 //! The pieces that need no model (metrics over logit vectors, pattern statistics, heatmaps,
 //! output files) work on plain slices, so they can be tested and reused on their own.
 
+pub mod ablation;
+pub mod activation_patching;
 pub mod attention;
+pub mod attention_report;
 pub mod error;
+pub mod logit_lens;
 pub mod metrics;
 pub mod output;
+pub mod patching;
+pub mod pattern_file;
 pub mod render;
 pub mod tokens;
 

@@ -1,0 +1,384 @@
+//! Activation patching between a clean and a corrupted prompt of equal token length: copy one
+//! clean activation (one layer and position, or one layer and head) into the corrupted run and
+//! measure how much of the clean logit difference comes back.
+//!
+//! The score is `(patched − corrupted) / (clean − corrupted)` on the logit difference
+//! `logits[answer] − logits[wrong]` at the last position: 1 when the patch restores the clean
+//! behaviour fully, 0 when it changes nothing.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use qwenlens_model::{
+    BlockHook, HookFilter, HookPoint, Hooks, HostTensor, Intervention, LogitRows, Model,
+    ModelError, RunOptions, Scope, TokenBatch,
+};
+
+use crate::error::{AnalysisError, Result};
+use crate::metrics::logit_difference;
+use crate::output::{write_json, write_png};
+use crate::render::{ColorScale, Heatmap};
+use crate::tokens::{DEFAULT_LABEL_WIDTH, position_labels};
+
+/// Which activation is patched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PatchTarget {
+    /// `blocks.L.hook_resid_pre`, one layer and position at a time.
+    ResidPre,
+    /// `blocks.L.hook_attn_out`, one layer and position at a time.
+    AttnOut,
+    /// `blocks.L.hook_mlp_out`, one layer and position at a time.
+    MlpOut,
+    /// `blocks.L.attn.hook_z` of one query head, all positions.
+    HeadZ,
+}
+
+impl PatchTarget {
+    /// Every target, in the order the report lists them.
+    pub const ALL: [PatchTarget; 4] = [
+        PatchTarget::ResidPre,
+        PatchTarget::AttnOut,
+        PatchTarget::MlpOut,
+        PatchTarget::HeadZ,
+    ];
+
+    /// Short name used for files (`resid_pre.png`).
+    pub fn name(self) -> &'static str {
+        match self {
+            PatchTarget::ResidPre => "resid_pre",
+            PatchTarget::AttnOut => "attn_out",
+            PatchTarget::MlpOut => "mlp_out",
+            PatchTarget::HeadZ => "head_z",
+        }
+    }
+
+    fn block_hook(self) -> BlockHook {
+        match self {
+            PatchTarget::ResidPre => BlockHook::ResidPre,
+            PatchTarget::AttnOut => BlockHook::AttnOut,
+            PatchTarget::MlpOut => BlockHook::MlpOut,
+            PatchTarget::HeadZ => BlockHook::Z,
+        }
+    }
+}
+
+/// Options of [`activation_patching`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct ActivationPatchOptions {
+    /// Token whose logit the clean prompt favours.
+    pub answer: u32,
+    /// Token whose logit the corrupted prompt favours.
+    pub wrong: u32,
+    pub targets: Vec<PatchTarget>,
+    /// Patched runs per batched pass; `None` picks the most that keep the largest buffer under
+    /// [`crate::ablation::DEFAULT_PASS_BUDGET_BYTES`].
+    pub batch_size: Option<usize>,
+}
+
+/// Scores of one target: a `[n_layers, cols]` matrix, `cols` being positions or query heads.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct PatchGrid {
+    pub target: PatchTarget,
+    pub rows: usize,
+    pub cols: usize,
+    /// Normalized scores, row-major.
+    pub normalized: Vec<f32>,
+    /// Patched logit differences, row-major.
+    pub logit_diff: Vec<f32>,
+}
+
+/// Result of [`activation_patching`].
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct ActivationPatchReport {
+    pub clean_tokens: Vec<u32>,
+    pub corrupted_tokens: Vec<u32>,
+    pub clean_texts: Vec<String>,
+    pub corrupted_texts: Vec<String>,
+    pub answer: u32,
+    pub wrong: u32,
+    pub clean_logit_diff: f32,
+    pub corrupted_logit_diff: f32,
+    pub grids: Vec<PatchGrid>,
+}
+
+/// Progress of the patching runs, reported after every pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PatchProgress {
+    pub done: usize,
+    pub total: usize,
+}
+
+/// One patched run: the target, its layer and the position or head.
+#[derive(Clone, Copy, Debug)]
+struct Job {
+    target: PatchTarget,
+    layer: usize,
+    index: usize,
+}
+
+/// Runs every patch of `options.targets` and scores it.
+pub fn activation_patching(
+    model: &Model,
+    clean: &[u32],
+    corrupted: &[u32],
+    options: &ActivationPatchOptions,
+    mut on_progress: impl FnMut(PatchProgress),
+) -> Result<ActivationPatchReport> {
+    if clean.len() != corrupted.len() {
+        return Err(AnalysisError::LengthMismatch {
+            clean: clean.len(),
+            corrupted: corrupted.len(),
+        });
+    }
+    if clean.is_empty() {
+        return Err(AnalysisError::PromptTooShort {
+            tokens: 0,
+            min: 1,
+            what: "activation patching",
+        });
+    }
+    let d_vocab = model.config().d_vocab();
+    for id in [options.answer, options.wrong] {
+        if id as usize >= d_vocab {
+            return Err(AnalysisError::TokenOutOfRange { id, d_vocab });
+        }
+    }
+
+    let n_layers = model.config().n_layers();
+    let n_heads = model.config().n_heads();
+    let n = clean.len();
+
+    let points: Vec<HookPoint> = options
+        .targets
+        .iter()
+        .flat_map(|t| (0..n_layers).map(move |l| HookPoint::block(l, t.block_hook())))
+        .collect();
+    let clean_batch = TokenBatch::single(clean);
+    let clean_options = RunOptions {
+        cache: HookFilter::points(points),
+        logit_rows: LogitRows::Last,
+        ..RunOptions::default()
+    };
+    let mut clean_output = model.run(&clean_batch, &clean_options)?;
+    let clean_cache = std::mem::take(&mut clean_output.cache);
+    let clean_last = clean_output.into_logits()?.last(0)?;
+    let clean_logit_diff = logit_difference(&clean_last, options.answer, options.wrong);
+
+    let corrupted_options = RunOptions {
+        logit_rows: LogitRows::Last,
+        ..RunOptions::default()
+    };
+    let corrupted_last = model
+        .run(&TokenBatch::single(corrupted), &corrupted_options)?
+        .into_logits()?
+        .last(0)?;
+    let corrupted_logit_diff = logit_difference(&corrupted_last, options.answer, options.wrong);
+
+    let denominator = clean_logit_diff - corrupted_logit_diff;
+    if denominator.abs() < 1e-6 {
+        return Err(AnalysisError::InvalidArgument(format!(
+            "the clean and corrupted prompts give the same logit difference ({clean_logit_diff}) between the answer and the wrong token, so no patch can be scored; choose prompts that favour different tokens"
+        )));
+    }
+    tracing::info!(
+        clean_logit_diff,
+        corrupted_logit_diff,
+        "clean and corrupted runs done"
+    );
+
+    let mut sources = std::collections::HashMap::new();
+    for (point, tensor) in clean_cache.iter() {
+        sources.insert(point, Arc::new(tensor.clone()));
+    }
+
+    let mut jobs = Vec::new();
+    for &target in &options.targets {
+        let cols = if target == PatchTarget::HeadZ {
+            n_heads
+        } else {
+            n
+        };
+        for layer in 0..n_layers {
+            jobs.extend((0..cols).map(|index| Job {
+                target,
+                layer,
+                index,
+            }));
+        }
+    }
+
+    let batch_size = options
+        .batch_size
+        .unwrap_or_else(|| crate::ablation::copies_per_pass(model, n, 1))
+        .max(1);
+    let mut diffs = Vec::with_capacity(jobs.len());
+    let mut progress = PatchProgress {
+        done: 0,
+        total: jobs.len(),
+    };
+    for chunk in jobs.chunks(batch_size) {
+        diffs.extend(patched_pass(model, corrupted, chunk, &sources, options)?);
+        progress.done += chunk.len();
+        on_progress(progress);
+    }
+
+    let mut grids = Vec::new();
+    let mut offset = 0;
+    for &target in &options.targets {
+        let cols = if target == PatchTarget::HeadZ {
+            n_heads
+        } else {
+            n
+        };
+        let logit_diff = diffs[offset..offset + n_layers * cols].to_vec();
+        offset += n_layers * cols;
+        grids.push(PatchGrid {
+            target,
+            rows: n_layers,
+            cols,
+            normalized: logit_diff
+                .iter()
+                .map(|d| (d - corrupted_logit_diff) / denominator)
+                .collect(),
+            logit_diff,
+        });
+    }
+
+    let texts = |tokens: &[u32]| crate::attention_report::token_texts(model, tokens);
+    Ok(ActivationPatchReport {
+        clean_tokens: clean.to_vec(),
+        corrupted_tokens: corrupted.to_vec(),
+        clean_texts: texts(clean),
+        corrupted_texts: texts(corrupted),
+        answer: options.answer,
+        wrong: options.wrong,
+        clean_logit_diff,
+        corrupted_logit_diff,
+        grids,
+    })
+}
+
+/// Runs one batch of patched corrupted runs, splitting it when the model reports that it does not
+/// fit on the device; returns each run's logit difference.
+fn patched_pass(
+    model: &Model,
+    corrupted: &[u32],
+    jobs: &[Job],
+    sources: &std::collections::HashMap<HookPoint, Arc<HostTensor>>,
+    options: &ActivationPatchOptions,
+) -> Result<Vec<f32>> {
+    let interventions = jobs
+        .iter()
+        .enumerate()
+        .map(|(item, job)| {
+            let point = HookPoint::block(job.layer, job.target.block_hook());
+            let source = sources.get(&point).ok_or_else(|| {
+                AnalysisError::InvalidArgument(format!("the clean run recorded no {point}"))
+            })?;
+            let (heads, scope) = match job.target {
+                PatchTarget::HeadZ => (Some(vec![job.index]), Scope::batch_item(item)),
+                _ => (
+                    None,
+                    Scope::batch_item(item).with_positions(vec![job.index]),
+                ),
+            };
+            Ok(Intervention::PatchFromCache {
+                hook: point,
+                source: Arc::clone(source),
+                heads,
+                scope,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let batch = TokenBatch::left_padded(&vec![corrupted.to_vec(); jobs.len()], 0);
+    let run_options = RunOptions {
+        hooks: Hooks::from_interventions(interventions),
+        logit_rows: LogitRows::Last,
+        ..RunOptions::default()
+    };
+
+    match model.run(&batch, &run_options) {
+        Err(ModelError::DeviceLimit { .. }) if jobs.len() > 1 => {
+            let (first, second) = jobs.split_at(jobs.len() / 2);
+            let mut diffs = patched_pass(model, corrupted, first, sources, options)?;
+            diffs.extend(patched_pass(model, corrupted, second, sources, options)?);
+            Ok(diffs)
+        }
+        Err(error) => Err(error.into()),
+        Ok(output) => {
+            let last = output.into_logits()?.last_rows()?;
+            let d_vocab = last.shape[1];
+            Ok((0..jobs.len())
+                .map(|i| {
+                    logit_difference(
+                        &last.data[i * d_vocab..(i + 1) * d_vocab],
+                        options.answer,
+                        options.wrong,
+                    )
+                })
+                .collect())
+        }
+    }
+}
+
+impl ActivationPatchReport {
+    /// Heatmap of one grid's normalized scores.
+    pub fn heatmap(&self, grid: &PatchGrid) -> Heatmap {
+        let limit = grid
+            .normalized
+            .iter()
+            .filter(|v| v.is_finite())
+            .fold(1.0f32, |acc, v| acc.max(v.abs()));
+        let title = format!(
+            "activation patching: {} (normalized logit diff; clean {:.3}, corrupted {:.3})",
+            grid.target.name(),
+            self.clean_logit_diff,
+            self.corrupted_logit_diff
+        );
+        let (col_axis, col_labels) = match grid.target {
+            PatchTarget::HeadZ => (
+                "query head",
+                (0..grid.cols).map(|h| format!("H{h}")).collect(),
+            ),
+            _ => (
+                "position (clean token)",
+                position_labels(&self.clean_texts, DEFAULT_LABEL_WIDTH),
+            ),
+        };
+
+        Heatmap::new(
+            title,
+            grid.rows,
+            grid.cols,
+            grid.normalized.clone(),
+            ColorScale::Diverging { limit },
+        )
+        .with_axes(
+            "layer",
+            (0..grid.rows).map(|l| l.to_string()).collect(),
+            col_axis,
+            col_labels,
+        )
+    }
+
+    /// Writes `activation_patching.json` and one `{target}.png` per grid into `dir`; returns the
+    /// paths written.
+    pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>> {
+        let mut written = Vec::new();
+
+        let json = dir.join("activation_patching.json");
+        write_json(&json, self)?;
+        written.push(json);
+
+        for grid in &self.grids {
+            let path = dir.join(format!("{}.png", grid.target.name()));
+            write_png(&path, &self.heatmap(grid).render())?;
+            written.push(path);
+        }
+        Ok(written)
+    }
+}
