@@ -41,3 +41,37 @@ pub fn init_logging(filter: &str) {
         .with_writer(std::io::stderr)
         .init();
 }
+
+/// Loads the model named by `--model` onto the backend chosen by `--device`.
+pub fn load_model(args: &ModelArgs) -> anyhow::Result<qwenlens_model::Model> {
+    use anyhow::Context;
+
+    let device: qwenlens_kernels::Device = args.device.parse()?;
+    let source = qwenlens_weights::ModelSource::parse(&args.model, &args.revision)?;
+    let backend = qwenlens_kernels::create_backend(device)
+        .with_context(|| format!("creating the {device} backend"))?;
+
+    tracing::info!(model = %args.model, backend = %backend.name(), "loading the model");
+    qwenlens_model::Model::load(&source, backend)
+        .with_context(|| format!("loading model {}", args.model))
+}
+
+/// Tokenizes `--prompt` as raw text, or renders `--chat` with the model's chat template and a
+/// generation prompt.
+pub fn prompt_ids(model: &qwenlens_model::Model, prompt: &PromptArgs) -> anyhow::Result<Vec<u32>> {
+    let tokenizer = model.tokenizer().ok_or_else(|| {
+        anyhow::anyhow!(
+            "the model folder has no tokenizer.json, so --prompt and --chat cannot be tokenized; \
+             add the tokenizer files to the folder"
+        )
+    })?;
+
+    match (&prompt.prompt, &prompt.chat) {
+        (Some(text), _) => Ok(tokenizer.encode(text)?),
+        (None, Some(path)) => {
+            let messages = qwenlens_weights::read_chat_file(path)?;
+            Ok(tokenizer.encode_chat(&messages, true)?)
+        }
+        (None, None) => anyhow::bail!("no prompt given; pass --prompt TEXT or --chat FILE"),
+    }
+}
