@@ -42,6 +42,23 @@ pub fn init_logging(filter: &str) {
         .init();
 }
 
+/// Parses `--model` and `--revision` into a model source (an existing folder or a hub id).
+pub fn model_source(args: &ModelArgs) -> anyhow::Result<qwenlens_weights::ModelSource> {
+    Ok(qwenlens_weights::ModelSource::parse(
+        &args.model,
+        &args.revision,
+    )?)
+}
+
+/// Returns the local folder of `--model`, reading or filling the Hugging Face cache for hub ids.
+///
+/// `--device` is checked too, so a typo in it is reported by subcommands that run on no backend.
+pub fn resolve_model_dir(args: &ModelArgs) -> anyhow::Result<PathBuf> {
+    let _device: qwenlens_kernels::Device = args.device.parse()?;
+    let source = model_source(args)?;
+    Ok(source.resolve()?)
+}
+
 /// Loads the model named by `--model` onto the backend chosen by `--device`.
 pub fn load_model(args: &ModelArgs) -> anyhow::Result<qwenlens_model::Model> {
     use anyhow::Context;

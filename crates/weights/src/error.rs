@@ -147,12 +147,12 @@ pub enum WeightsError {
     },
 
     /// A model source string is neither an existing folder nor a valid hub id.
-    #[error(
-        "model source {text:?} is neither an existing folder nor a hub id of the form org/name"
-    )]
+    #[error("invalid model source {text:?}: {message}")]
     InvalidSource {
         /// The text as given.
         text: String,
+        /// Why it is neither a folder nor a hub id, and what to pass instead.
+        message: String,
     },
 
     /// `tokenizer.json` could not be loaded, or encoding or decoding failed.

@@ -91,7 +91,7 @@ impl ModelSource {
     ///
     /// Text that looks like a path (starts with `/`, `.` or `~`, or has more than one `/`) but is
     /// not an existing folder is an error rather than a hub id, so a typo in a path is reported as
-    /// such.
+    /// a missing folder.
     pub fn parse(text: &str, revision: &str) -> Result<Self> {
         let path = Path::new(text);
         if path.is_dir() {
@@ -99,19 +99,18 @@ impl ModelSource {
         }
 
         let looks_like_path =
-            text.starts_with(['/', '.', '~', '\\']) || text.matches('/').count() != 1;
+            text.starts_with(['/', '.', '~', '\\']) || text.matches('/').count() > 1;
         if looks_like_path {
-            return Err(if path.exists() {
-                WeightsError::MissingFile {
-                    path: path.to_path_buf(),
-                    hint: "--model must be a folder (config.json, safetensors, tokenizer.json), \
-                           not a file"
-                        .into(),
-                }
+            let message = if path.exists() {
+                "this is a file; --model takes a folder holding config.json, the safetensors \
+                 weights and tokenizer.json"
             } else {
-                WeightsError::InvalidSource {
-                    text: text.to_string(),
-                }
+                "no such folder; pass an existing model folder or a hub id such as \
+                 Qwen/Qwen2.5-0.5B-Instruct"
+            };
+            return Err(WeightsError::InvalidSource {
+                text: text.to_string(),
+                message: message.into(),
             });
         }
 
@@ -126,6 +125,9 @@ impl ModelSource {
         if !valid_part(org) || !valid_part(name) {
             return Err(WeightsError::InvalidSource {
                 text: text.to_string(),
+                message: "not an existing folder, and not a hub id of the form org/name \
+                          (letters, digits, '-', '_' and '.')"
+                    .into(),
             });
         }
 
@@ -289,6 +291,19 @@ mod tests {
     }
 
     #[test]
+    fn parse_missing_folder_says_so() {
+        let error = ModelSource::parse("./no/such/model", "main")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("no such folder"), "{error}");
+        let error = ModelSource::parse("org/", "main").unwrap_err().to_string();
+        assert!(
+            error.contains("not a hub id of the form org/name"),
+            "{error}"
+        );
+    }
+
+    #[test]
     fn parse_existing_folder() {
         let dir = tempfile::tempdir().unwrap();
         let text = dir.path().to_str().unwrap();
@@ -309,10 +324,7 @@ mod tests {
             "/org/name",
         ] {
             let error = ModelSource::parse(text, "main").unwrap_err().to_string();
-            assert!(
-                error.contains("neither an existing folder"),
-                "{text}: {error}"
-            );
+            assert!(error.contains("invalid model source"), "{text}: {error}");
         }
     }
 }

@@ -32,7 +32,7 @@ impl Tokenizer {
             return Err(WeightsError::MissingFile {
                 path: tokenizer_json.to_path_buf(),
                 hint: "the model folder has no tokenizer.json (the Hugging Face fast tokenizer); \
-                       copy it from the original model or pass token ids instead of text"
+                       copy it and tokenizer_config.json from the original model into the folder"
                     .into(),
             });
         }
