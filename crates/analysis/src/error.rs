@@ -56,8 +56,8 @@ pub enum AnalysisError {
         source: std::io::Error,
     },
 
-    /// A PNG could not be encoded.
-    #[error("failed to encode the image {path}: {source}")]
+    /// A PNG could not be encoded or decoded.
+    #[error("failed to encode or decode the image {path}: {source}")]
     Image {
         path: PathBuf,
         source: image::ImageError,

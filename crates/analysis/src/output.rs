@@ -100,6 +100,15 @@ pub fn write_png(path: &Path, image: &RgbImage) -> Result<()> {
     write_atomic(path, &bytes)
 }
 
+/// Reads a PNG back as RGB, for checking written pictures.
+pub fn read_png(path: &Path) -> Result<RgbImage> {
+    let image = image::open(path).map_err(|source| AnalysisError::Image {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    Ok(image.to_rgb8())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,7 +190,7 @@ mod png_tests {
 
         write_png(&path, &image).unwrap();
 
-        let decoded = image::open(&path).unwrap().to_rgb8();
+        let decoded = read_png(&path).unwrap();
         assert_eq!(decoded.dimensions(), image.dimensions());
         assert_eq!(decoded.as_raw(), image.as_raw());
         if let Some(keep) = std::env::var_os("QWENLENS_KEEP_PNG") {

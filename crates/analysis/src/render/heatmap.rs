@@ -100,7 +100,7 @@ impl Heatmap {
 
         let cell = self
             .cell_size
-            .unwrap_or_else(|| (640 / self.rows.max(self.cols).max(1) as u32).clamp(3, 32));
+            .unwrap_or_else(|| (640 / self.rows.max(self.cols).max(1) as u32).clamp(3, 40));
         let label_line = line_height(LABEL_PX);
         // Label every k-th row or column when the cells are smaller than a line of text.
         let label_step = label_line.div_ceil(cell).max(1) as usize;
