@@ -2,9 +2,9 @@
 //! the logits and their reductions, the loss, and the ablation and pattern-patching goldens, on each
 //! backend.
 //!
-//! Tolerances, about 5–10× the f32 error measured against a float64 reference: activations `1e-4 + 1e-4·|g|`, attention
-//! scores the same on visible keys and exactly `-inf` on masked ones, patterns `2e-5`, logits and
-//! log-probs `2e-4`, losses `5e-5`.
+//! Tolerances are about 5–10× the f32 error measured against a float64 reference: activations
+//! `1e-4 + 1e-4·|g|`, attention scores the same on visible keys and exactly `-inf` on masked ones,
+//! patterns `2e-5`, logits and log-probs `2e-4`, losses `5e-5`.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};

@@ -30,7 +30,7 @@ impl HostTensor {
         Ok(HostTensor { shape, data })
     }
 
-    /// A tensor of zeros.
+    /// Returns a tensor of zeros.
     pub fn zeros(shape: Vec<usize>) -> HostTensor {
         let numel = shape.iter().product();
         HostTensor {
@@ -44,7 +44,7 @@ impl HostTensor {
         self.data.len()
     }
 
-    /// The value at a multi-dimensional index, `None` when out of range.
+    /// Returns the value at a multi-dimensional index, `None` when out of range.
     pub fn get(&self, index: &[usize]) -> Option<f32> {
         if index.len() != self.shape.len() {
             return None;
@@ -59,8 +59,8 @@ impl HostTensor {
         self.data.get(offset).copied()
     }
 
-    /// The values with the first index fixed to `i` (one batch item, one row), `None` when out of
-    /// range.
+    /// Returns the values with the first index fixed to `i` (one batch item, one row), `None` when
+    /// out of range.
     pub fn slice_first(&self, i: usize) -> Option<&[f32]> {
         let first = *self.shape.first()?;
         if i >= first {
@@ -78,7 +78,7 @@ pub struct ActivationCache {
 }
 
 impl ActivationCache {
-    /// An empty cache.
+    /// Returns an empty cache.
     pub fn new() -> ActivationCache {
         ActivationCache::default()
     }
@@ -91,13 +91,13 @@ impl ActivationCache {
         }
     }
 
-    /// The activation recorded under a TransformerLens name, if any.
+    /// Returns the activation recorded under a TransformerLens name, if any.
     pub fn get(&self, name: &str) -> Option<&HostTensor> {
         let point = name.parse::<HookPoint>().ok()?;
         self.get_point(point)
     }
 
-    /// The activation recorded for a hook point, if any.
+    /// Returns the activation recorded for a hook point, if any.
     pub fn get_point(&self, point: HookPoint) -> Option<&HostTensor> {
         self.entries
             .iter()
@@ -105,7 +105,7 @@ impl ActivationCache {
             .map(|(_, t)| t)
     }
 
-    /// The activation of a hook point, or an error listing what the cache holds.
+    /// Returns the activation of a hook point, or an error listing what the cache holds.
     pub fn require(&self, point: HookPoint) -> Result<&HostTensor> {
         self.get_point(point).ok_or_else(|| ModelError::NotCached {
             name: point.to_string(),
@@ -139,7 +139,7 @@ impl ActivationCache {
         self.entries.len()
     }
 
-    /// Whether nothing was recorded.
+    /// Returns whether nothing was recorded.
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -163,8 +163,8 @@ impl ActivationCache {
     }
 
     /// Writes every activation to one safetensors file keyed by hook name (F32, TransformerLens
-    /// shapes with the batch dimension, header metadata `{"format": "pt"}`), through a temporary file
-    /// in the same folder renamed into place, so readers never see a partial file.
+    /// shapes with the batch dimension, header metadata `{"format": "pt"}`), through a temporary
+    /// file in the same folder renamed into place, so readers never see a partial file.
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
         let views: Vec<(String, F32View<'_>)> = self
             .entries

@@ -34,8 +34,8 @@ pub enum ModelError {
         kind: &'static str,
     },
 
-    /// A tensor given by the user (replacement, patch source, steering vector, pattern) has the wrong
-    /// shape.
+    /// A tensor given by the user (replacement, patch source, steering vector, pattern) has the
+    /// wrong shape.
     #[error("{what}: expected shape {expected:?}, found {found:?}")]
     ShapeMismatch {
         what: String,

@@ -41,7 +41,7 @@ pub struct RunOutput {
 }
 
 impl RunOutput {
-    /// The logits, or an error when the run computed none.
+    /// Returns the logits, or an error when the run computed none.
     pub fn into_logits(self) -> Result<Logits> {
         self.logits.ok_or_else(missing_logits)
     }
@@ -76,7 +76,7 @@ impl KvCache {
         self.len
     }
 
-    /// Whether no token has been run yet.
+    /// Returns whether no token has been run yet.
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
@@ -109,10 +109,7 @@ pub(crate) fn run(
     let first = kv.as_ref().map_or(0, |cache| cache.len);
     let q_len = tokens.seq_len();
 
-    tokens.validate(
-        config.d_vocab(),
-        config.max_position_embeddings.saturating_sub(first),
-    )?;
+    tokens.validate(config.d_vocab(), first, config.max_position_embeddings)?;
     let padding = match &kv {
         Some(cache) if !cache.is_empty() => {
             if tokens.batch() != cache.batch {
@@ -382,13 +379,13 @@ impl<'a> Pass<'a> {
         self.first + self.q_len
     }
 
-    /// Whether the row `r` (`b * q_len + i`) is a real token inside `scope`.
+    /// Returns whether the row `r` (`b * q_len + i`) is a real token inside `scope`.
     pub(crate) fn row_in_scope(&self, scope: &crate::Scope, row: usize) -> bool {
         let (b, i) = (row / self.q_len, row % self.q_len);
         scope.has_item(b) && scope.has_position(self.first + i)
     }
 
-    /// Whether row `r` is a padding token.
+    /// Returns whether row `r` is a padding token.
     pub(crate) fn is_padding_row(&self, row: usize) -> bool {
         let (b, i) = (row / self.q_len, row % self.q_len);
         self.first + i < self.padding[b]
@@ -404,7 +401,7 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// The TransformerLens shape of a hook's activation in this pass.
+    /// Returns the TransformerLens shape of a hook's activation in this pass.
     pub(crate) fn tl_shape(&self, point: HookPoint) -> Vec<usize> {
         let config = &self.model.config;
         let (b, q) = (self.batch, self.q_len);
@@ -531,7 +528,8 @@ impl<'a> Pass<'a> {
     fn embed(&mut self, tokens: &TokenBatch) -> Result<Tensor> {
         let d_vocab = self.model.config.d_vocab() as u32;
 
-        // Padding ids are never validated, so any id works as padding: out-of-range ones read row 0.
+        // Padding ids are never validated, so any id works as padding: out-of-range ones read row
+        // 0.
         let ids: Vec<u32> = tokens
             .ids()
             .iter()
@@ -573,8 +571,8 @@ impl<'a> Pass<'a> {
         Ok(self.backend.mul_weight(&normalized, weight)?)
     }
 
-    /// One transformer block; returns the residual stream leaving it and the layer's keys and values
-    /// (cached ones followed by this pass's).
+    /// Runs one transformer block; returns the residual stream leaving it and the layer's keys and
+    /// values (cached ones followed by this pass's).
     fn block(
         &mut self,
         layer: usize,
@@ -674,8 +672,9 @@ impl<'a> Pass<'a> {
         Ok((resid_post, (keys, values)))
     }
 
-    /// Each head's `z · W_O` as `[rows, n_heads, d_model]`: every row of `z` is repeated once per
-    /// head with the other heads' columns zeroed, so one matmul with W_O gives all heads' results.
+    /// Computes each head's `z · W_O` as `[rows, n_heads, d_model]`: every row of `z` is repeated
+    /// once per head with the other heads' columns zeroed, so one matmul with W_O gives all heads'
+    /// results.
     fn head_results(&mut self, z_flat: &Tensor, o: &qwenlens_kernels::Weight) -> Result<Tensor> {
         let config = &self.model.config;
         let (rows, n_heads, d_head) = (self.rows(), config.n_heads(), config.d_head());

@@ -136,12 +136,12 @@ pub enum HookPoint {
 }
 
 impl HookPoint {
-    /// The block hook `hook` of layer `layer`.
+    /// Returns the block hook `hook` of layer `layer`.
     pub fn block(layer: usize, hook: BlockHook) -> HookPoint {
         HookPoint::Block { layer, hook }
     }
 
-    /// The layer of a block hook.
+    /// Returns the layer of a block hook.
     pub fn layer(self) -> Option<usize> {
         match self {
             HookPoint::Block { layer, .. } => Some(layer),
@@ -149,13 +149,13 @@ impl HookPoint {
         }
     }
 
-    /// Every hook point that TransformerLens's `run_with_cache` records by default (everything but
-    /// `attn.hook_result`), in forward order.
+    /// Returns every hook point that TransformerLens's `run_with_cache` records by default
+    /// (everything but `attn.hook_result`), in forward order.
     pub fn defaults(n_layers: usize) -> Vec<HookPoint> {
         HookPoint::all_points(n_layers, false)
     }
 
-    /// Every hook point, `attn.hook_result` included, in forward order.
+    /// Returns every hook point, `attn.hook_result` included, in forward order.
     pub fn all(n_layers: usize) -> Vec<HookPoint> {
         HookPoint::all_points(n_layers, true)
     }
@@ -196,8 +196,8 @@ impl HookPoint {
         name.parse::<HookPoint>()?.validate(n_layers)
     }
 
-    /// Whether the activation has one row per token (`[batch, pos, ...]`), as opposed to the
-    /// `[batch, n_heads, query_pos, key_pos]` attention scores and pattern.
+    /// Returns whether the activation has one row per token (`[batch, pos, ...]`), as opposed to
+    /// the `[batch, n_heads, query_pos, key_pos]` attention scores and pattern.
     pub fn is_per_position(self) -> bool {
         !matches!(
             self,
@@ -208,8 +208,8 @@ impl HookPoint {
         )
     }
 
-    /// Whether the activation is split into heads (`[batch, pos, heads, ...]` or the attention
-    /// scores and pattern), so that a patch can be limited to some heads.
+    /// Returns whether the activation is split into heads (`[batch, pos, heads, ...]` or the
+    /// attention scores and pattern), so that a patch can be limited to some heads.
     pub fn is_per_head(self) -> bool {
         matches!(
             self,
@@ -228,9 +228,9 @@ impl HookPoint {
         )
     }
 
-    /// Whether the activation is the residual stream or one of its `d_model`-wide summands
-    /// (`hook_embed`, `hook_resid_*`, `hook_attn_out`, `hook_mlp_out`, `unembed.hook_in`), the hooks
-    /// a steering vector can be added to.
+    /// Returns whether the activation is the residual stream or one of its `d_model`-wide summands
+    /// (`hook_embed`, `hook_resid_*`, `hook_attn_out`, `hook_mlp_out`, `unembed.hook_in`), the
+    /// hooks a steering vector can be added to.
     pub fn is_residual(self) -> bool {
         match self {
             HookPoint::Embed | HookPoint::UnembedIn => true,
@@ -286,8 +286,8 @@ impl FromStr for HookPoint {
     }
 }
 
-/// The valid hook name closest to `name` (normalized Levenshtein similarity), keeping the layer
-/// number the name contains so that `blocks.3.attn.hook_zz` suggests `blocks.3.attn.hook_z`.
+/// Returns the valid hook name closest to `name` (normalized Levenshtein similarity), keeping the
+/// layer number the name contains so that `blocks.3.attn.hook_zz` suggests `blocks.3.attn.hook_z`.
 fn nearest_hook_name(name: &str) -> String {
     let layer = name
         .strip_prefix("blocks.")
@@ -334,12 +334,13 @@ pub enum HookFilter {
 }
 
 impl HookFilter {
-    /// A filter of the given hook points.
+    /// Returns a filter of the given hook points.
     pub fn points(points: impl IntoIterator<Item = HookPoint>) -> HookFilter {
         HookFilter::Set(points.into_iter().collect())
     }
 
-    /// A filter of the hook points named (TransformerLens names); an unknown name is an error.
+    /// Returns a filter of the hook points named (TransformerLens names); an unknown name is an
+    /// error.
     pub fn names<S: AsRef<str>>(names: impl IntoIterator<Item = S>) -> Result<HookFilter> {
         let points = names
             .into_iter()
@@ -348,7 +349,8 @@ impl HookFilter {
         Ok(HookFilter::Set(points))
     }
 
-    /// A filter of the hook points whose names match `pattern`; an invalid regex is an error.
+    /// Returns a filter of the hook points whose names match `pattern`; an invalid regex is an
+    /// error.
     pub fn regex(pattern: &str) -> Result<HookFilter> {
         Regex::new(pattern)
             .map(HookFilter::Regex)
@@ -358,7 +360,7 @@ impl HookFilter {
             })
     }
 
-    /// Whether the filter selects `point`.
+    /// Returns whether the filter selects `point`.
     pub fn contains(&self, point: HookPoint) -> bool {
         match self {
             HookFilter::None => false,
@@ -374,7 +376,8 @@ impl HookFilter {
         }
     }
 
-    /// The hook points of a model with `n_layers` layers that the filter selects, in forward order.
+    /// Returns the hook points of a model with `n_layers` layers that the filter selects, in
+    /// forward order.
     pub fn selected(&self, n_layers: usize) -> Vec<HookPoint> {
         HookPoint::all(n_layers)
             .into_iter()

@@ -21,12 +21,12 @@ pub struct Scope {
 }
 
 impl Scope {
-    /// Every batch item and position.
+    /// Returns every batch item and position.
     pub fn all() -> Scope {
         Scope::default()
     }
 
-    /// One batch item, all positions (copy `b` of an ablation sweep).
+    /// Returns one batch item, all positions (copy `b` of an ablation sweep).
     pub fn batch_item(b: usize) -> Scope {
         Scope {
             batch: Some(vec![b]),
@@ -46,19 +46,19 @@ impl Scope {
         self
     }
 
-    /// Whether batch item `b` is in scope.
+    /// Returns whether batch item `b` is in scope.
     pub fn has_item(&self, b: usize) -> bool {
         self.batch.as_ref().is_none_or(|items| items.contains(&b))
     }
 
-    /// Whether position `p` is in scope.
+    /// Returns whether position `p` is in scope.
     pub fn has_position(&self, p: usize) -> bool {
         self.positions
             .as_ref()
             .is_none_or(|positions| positions.contains(&p))
     }
 
-    /// Whether the scope covers everything.
+    /// Returns whether the scope covers everything.
     pub fn is_all(&self) -> bool {
         self.batch.is_none() && self.positions.is_none()
     }
@@ -170,8 +170,8 @@ impl PatternSpec {
 /// An intervention executed on the device at one hook point.
 ///
 /// Masks and replacement tensors are built on the host and applied with the backend's `select`,
-/// `add` and attention pattern overrides. Several interventions at one hook are applied in the order
-/// given.
+/// `add` and attention pattern overrides. Several interventions at one hook are applied in the
+/// order given.
 #[derive(Clone, Debug)]
 pub enum Intervention {
     /// Zero one query head's `attn.hook_z` (silences that head alone).
@@ -281,13 +281,13 @@ impl Intervention {
         })
     }
 
-    /// The same intervention limited to `scope`.
+    /// Returns the same intervention limited to `scope`.
     pub fn with_scope(mut self, new_scope: Scope) -> Intervention {
         *self.scope_mut() = new_scope;
         self
     }
 
-    /// The intervention's scope.
+    /// Returns the intervention's scope.
     pub fn scope(&self) -> &Scope {
         match self {
             Intervention::ZeroHeadZ { scope, .. }
@@ -310,7 +310,7 @@ impl Intervention {
         }
     }
 
-    /// The hook point where the intervention acts.
+    /// Returns the hook point where the intervention acts.
     pub fn hook_point(&self) -> HookPoint {
         use crate::hooks::BlockHook;
         match self {
@@ -403,12 +403,12 @@ impl Hooks {
         self
     }
 
-    /// Whether there is no intervention and no closure.
+    /// Returns whether there is no intervention and no closure.
     pub fn is_empty(&self) -> bool {
         self.interventions.is_empty() && self.closures.is_empty()
     }
 
-    /// Whether anything acts at `point`.
+    /// Returns whether anything acts at `point`.
     pub(crate) fn acts_at(&self, point: HookPoint) -> bool {
         self.interventions.iter().any(|i| i.hook_point() == point)
             || self.closures.iter().any(|(p, _)| *p == point)

@@ -61,7 +61,7 @@ impl Logits {
         }
     }
 
-    /// The device tensor, `[batch * pos, d_vocab]`.
+    /// Returns the device tensor, `[batch * pos, d_vocab]`.
     pub fn tensor(&self) -> &Tensor {
         &self.tensor
     }
@@ -81,13 +81,13 @@ impl Logits {
         self.tensor.last_dim()
     }
 
-    /// All logits on the host, `[batch, pos, d_vocab]`.
+    /// Returns all logits on the host, `[batch, pos, d_vocab]`.
     pub fn to_host(&self) -> Result<HostTensor> {
         let data = self.backend.read(&self.tensor)?;
         HostTensor::new(vec![self.batch, self.pos, self.d_vocab()], data)
     }
 
-    /// The logits row of batch item `b` at position index `p` (`0..pos`).
+    /// Returns the logits row of batch item `b` at position index `p` (`0..pos`).
     pub fn row(&self, b: usize, p: usize) -> Result<Vec<f32>> {
         self.check_item(b)?;
         if p >= self.pos {
@@ -102,12 +102,12 @@ impl Logits {
         Ok(self.backend.read(&row)?)
     }
 
-    /// The last position's logits row of batch item `b`.
+    /// Returns the last position's logits row of batch item `b`.
     pub fn last(&self, b: usize) -> Result<Vec<f32>> {
         self.row(b, self.pos - 1)
     }
 
-    /// The last position's logits of every batch item, `[batch, d_vocab]`.
+    /// Returns the last position's logits of every batch item, `[batch, d_vocab]`.
     pub fn last_rows(&self) -> Result<HostTensor> {
         let rows: Vec<usize> = (0..self.batch)
             .map(|b| b * self.pos + self.pos - 1)
@@ -127,7 +127,8 @@ impl Logits {
 
     /// For each batch item, the log-probability of each next token: entry `i` is
     /// `log_softmax(logits[pad + i])[ids[pad + i + 1]]` over the item's real tokens, so an item of
-    /// `n` real tokens gives `n − 1` values. `tokens` must be the batch the logits were computed for.
+    /// `n` real tokens gives `n − 1` values. `tokens` must be the batch the logits were computed
+    /// for.
     pub fn next_token_logprobs(&self, tokens: &TokenBatch) -> Result<Vec<Vec<f32>>> {
         if tokens.batch() != self.batch || tokens.seq_len() != self.pos {
             return Err(ModelError::ShapeMismatch {
@@ -161,8 +162,8 @@ impl Logits {
     }
 
     /// TransformerLens's `lm_cross_entropy_loss` for each batch item: the mean over the item's real
-    /// positions but the last of `−log_softmax(logits[i])[ids[i + 1]]`. An item of one real token has
-    /// no next token and a loss of NaN.
+    /// positions but the last of `−log_softmax(logits[i])[ids[i + 1]]`. An item of one real token
+    /// has no next token and a loss of NaN.
     pub fn loss(&self, tokens: &TokenBatch) -> Result<Vec<f32>> {
         let logprobs = self.next_token_logprobs(tokens)?;
         Ok(logprobs

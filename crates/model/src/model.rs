@@ -130,7 +130,7 @@ impl Model {
         })
     }
 
-    /// The validated `config.json`.
+    /// Returns the validated `config.json`.
     pub fn config(&self) -> &Qwen2Config {
         &self.config
     }
@@ -145,12 +145,12 @@ impl Model {
         &self.eos_token_ids
     }
 
-    /// The tokenizer, when the model folder has `tokenizer.json`.
+    /// Returns the tokenizer, when the model folder has `tokenizer.json`.
     pub fn tokenizer(&self) -> Option<&Tokenizer> {
         self.tokenizer.as_ref()
     }
 
-    /// The backend the weights live on.
+    /// Returns the backend the weights live on.
     pub fn backend(&self) -> &Arc<dyn Backend> {
         &self.backend
     }
@@ -160,7 +160,7 @@ impl Model {
         self.config.n_layers()
     }
 
-    /// The memory limits runs are checked against before they start.
+    /// Returns the memory limits runs are checked against before they start.
     pub fn device_limits(&self) -> DeviceLimits {
         self.limits
     }
@@ -170,18 +170,19 @@ impl Model {
         self.limits = limits;
     }
 
-    /// The unembedding matrix `[d_vocab, d_model]` on the device (`lm_head.weight`, or the
+    /// Returns the unembedding matrix `[d_vocab, d_model]` on the device (`lm_head.weight`, or the
     /// embedding when tied).
     pub fn unembedding(&self) -> &Weight {
         &self.unembed
     }
 
-    /// The final RMSNorm weight (`model.norm.weight`) on the host, `[d_model]`.
+    /// Returns the final RMSNorm weight (`model.norm.weight`) on the host, `[d_model]`.
     pub fn final_norm_weight(&self) -> &[f32] {
         &self.final_norm_host
     }
 
-    /// Rows `ids` of the unembedding (the logit directions of those tokens), `[ids.len(), d_model]`.
+    /// Rows `ids` of the unembedding (the logit directions of those tokens), `[ids.len(),
+    /// d_model]`.
     pub fn unembedding_rows(&self, ids: &[u32]) -> Result<HostTensor> {
         self.check_token_ids(ids)?;
         let rows = self.backend.embedding(&self.unembed, ids)?;
@@ -226,8 +227,8 @@ impl Model {
         forward::run(self, tokens, None, options)
     }
 
-    /// Runs new tokens against a KV cache and appends their keys and values to it. The first call on
-    /// an empty cache runs the prompt (which may be a left-padded batch); later calls run one or
+    /// Runs new tokens against a KV cache and appends their keys and values to it. The first call
+    /// on an empty cache runs the prompt (which may be a left-padded batch); later calls run one or
     /// more new tokens per batch item (no padding). Hooks, interventions and caching work as in
     /// [`Model::run`]; `stop_at_layer` and `start_at_layer` are not allowed here. On error the
     /// cache is left unchanged.
@@ -240,7 +241,7 @@ impl Model {
         forward::run(self, tokens, Some(cache), options)
     }
 
-    /// An empty KV cache for [`Model::run_step`].
+    /// Returns an empty KV cache for [`Model::run_step`].
     pub fn new_kv_cache(&self) -> KvCache {
         KvCache::new(self.config.n_layers())
     }

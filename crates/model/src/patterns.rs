@@ -110,7 +110,7 @@ pub(crate) fn attention(
     Ok(backend.attention(q, k, v, &params, &overrides)?.z)
 }
 
-/// Whether a pattern intervention replaces whole heads (every batch item and query row).
+/// Returns whether a pattern intervention replaces whole heads (every batch item and query row).
 fn covers_whole_heads(intervention: &Intervention) -> bool {
     match intervention {
         Intervention::ReplacePattern { scope, .. } | Intervention::PatchFromCache { scope, .. } => {

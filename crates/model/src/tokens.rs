@@ -4,8 +4,8 @@ use crate::error::{ModelError, Result};
 
 /// Token ids of `batch` sequences left-padded to `seq_len`, with each sequence's padding length.
 ///
-/// Padding tokens get no attention, and positions (RoPE) count from each sequence's first real token,
-/// so a padded sequence gives the same activations as the sequence run alone.
+/// Padding tokens get no attention, and positions (RoPE) count from each sequence's first real
+/// token, so a padded sequence gives the same activations as the sequence run alone.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TokenBatch {
     ids: Vec<u32>,
@@ -15,7 +15,7 @@ pub struct TokenBatch {
 }
 
 impl TokenBatch {
-    /// One sequence without padding.
+    /// Returns one sequence without padding.
     pub fn single(ids: &[u32]) -> TokenBatch {
         TokenBatch {
             ids: ids.to_vec(),
@@ -92,17 +92,17 @@ impl TokenBatch {
         self.seq_len
     }
 
-    /// All ids, `[batch * seq_len]`, padding included.
+    /// Returns all ids, `[batch * seq_len]`, padding included.
     pub fn ids(&self) -> &[u32] {
         &self.ids
     }
 
-    /// The padded row of batch item `b`.
+    /// Returns the padded row of batch item `b`.
     pub fn row(&self, b: usize) -> &[u32] {
         &self.ids[b * self.seq_len..(b + 1) * self.seq_len]
     }
 
-    /// The real tokens of batch item `b`, without padding.
+    /// Returns the real tokens of batch item `b`, without padding.
     pub fn tokens(&self, b: usize) -> &[u32] {
         &self.row(b)[self.pad[b]..]
     }
@@ -112,9 +112,9 @@ impl TokenBatch {
         &self.pad
     }
 
-    /// Checks the batch against the model: no empty sequence, every id below `d_vocab`, no sequence
-    /// longer than `max_len`.
-    pub(crate) fn validate(&self, d_vocab: usize, max_len: usize) -> Result<()> {
+    /// Checks the batch against the model: no empty sequence, every id below `d_vocab`, and
+    /// `cached + seq_len` (the tokens already in a KV cache plus these) at most `max_len`.
+    pub(crate) fn validate(&self, d_vocab: usize, cached: usize, max_len: usize) -> Result<()> {
         if self.batch == 0 {
             return Err(ModelError::InvalidArgument(
                 "empty batch: give at least one sequence".to_string(),
@@ -135,9 +135,9 @@ impl TokenBatch {
                 }
             }
         }
-        if self.seq_len > max_len {
+        if cached + self.seq_len > max_len {
             return Err(ModelError::PromptTooLong {
-                len: self.seq_len,
+                len: cached + self.seq_len,
                 max: max_len,
             });
         }
