@@ -1,10 +1,11 @@
-//! Qwen2 model with TransformerLens hook points: the forward pass on any [`qwenlens_kernels::Backend`],
-//! an activation cache, interventions executed on the device, user hook closures, and an incremental
-//! forward against a KV cache for generation.
+//! Qwen2 model with TransformerLens hook points: the forward pass on any
+//! [`qwenlens_kernels::Backend`], an activation cache, interventions executed on the device, user
+//! hook closures, and an incremental forward against a KV cache for generation.
 //!
 //! Activations use TransformerLens names (`blocks.3.attn.hook_z`) and shapes (batch first). Batches
-//! of unequal length are left-padded ([`TokenBatch`]); padding gets no attention and positions count
-//! from each sequence's first real token, so a batched run equals running each sequence alone.
+//! of unequal length are left-padded ([`TokenBatch`]); padding gets no attention and positions
+//! count from each sequence's first real token, so a batched run equals running each sequence
+//! alone.
 
 mod cache;
 mod error;
