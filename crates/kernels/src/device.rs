@@ -8,7 +8,7 @@ use crate::cpu::CpuBackend;
 use crate::gpu::{GpuBackend, GpuOptions};
 use crate::{Backend, KernelError, Result};
 
-/// Which backend [`create_backend`] opens.
+/// Backend choice of [`create_backend`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Device {
     /// A hardware GPU when one exists, otherwise the CPU backend. Software adapters such as lavapipe
@@ -61,8 +61,9 @@ impl FromStr for Device {
 
 /// Opens the backend for `device` with default options.
 ///
-/// `Auto` falls back to the CPU backend when no hardware GPU exists or opening it fails (logged as a
-/// warning); `Gpu` returns [`KernelError::NoAdapter`] or [`KernelError::Gpu`] instead.
+/// `Auto` falls back to the CPU backend when no hardware GPU exists or opening it fails, and logs a
+/// warning in the second case. `Gpu` returns [`KernelError::NoAdapter`] or [`KernelError::Gpu`]
+/// instead.
 pub fn create_backend(device: Device) -> Result<Arc<dyn Backend>> {
     let backend: Arc<dyn Backend> = match device {
         Device::Cpu => Arc::new(CpuBackend::new()),

@@ -1,7 +1,7 @@
 //! WGSL compute kernels run through wgpu.
 //!
 //! Every kernel family lives in one file under `shaders/` (embedded with `include_str!`). Tensors are
-//! f32 storage buffers; weights keep their stored dtype and are split into row chunks that each fit one
+//! f32 storage buffers. Weights keep their stored dtype and are split into row chunks that each fit one
 //! storage binding, so the 151936 × 896 unembedding works under lavapipe's 128 MiB binding limit.
 //! Activations larger than one binding (the logits of a long prompt) are bound in windows of whole
 //! rows by the kernels that meet them: matmul, mul_weight, the element-wise kernels, gather_rows,
@@ -44,13 +44,14 @@ pub struct GpuOptions {
     pub backends: Option<wgpu::Backends>,
     /// Accept only hardware adapters (discrete, integrated or virtual GPUs), never a software one.
     pub hardware_only: bool,
-    /// Maximum bytes of one storage binding, used below the device's own limit. Weights are split
-    /// into row chunks of at most this size and large activations are bound in windows of at most
-    /// this size; `None` uses the device limit. Tests set it small to exercise the chunking.
+    /// Maximum bytes of one storage binding, capped by the device's own limit (`None`: the device
+    /// limit). Weights are split into row chunks of at most this size, and large activations are
+    /// bound in windows of at most this size. Tests set it small to exercise the chunking.
     pub max_binding_bytes: Option<u64>,
     /// Matmul kernel for prefill-sized inputs; `None` picks by adapter type.
     pub matmul_kernel: Option<MatmulKernel>,
     /// Inputs with at most this many rows use the GEMV kernel.
+    // NOTE: the default of 1 is a guess for batched decoding; the crossover at 2 to 8 rows is unmeasured.
     pub gemv_max_rows: usize,
     /// Dispatch every pipeline once at creation, because some drivers (lavapipe, GL) compile shaders at
     /// their first dispatch.

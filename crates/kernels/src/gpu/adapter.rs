@@ -11,7 +11,7 @@ pub(super) struct Opened {
     pub queue: wgpu::Queue,
 }
 
-/// Whether an adapter of this type is real GPU hardware. lavapipe and other software rasterizers
+/// Returns whether an adapter of this type is real GPU hardware. lavapipe and other software rasterizers
 /// report [`wgpu::DeviceType::Cpu`] and are slower than the CPU backend.
 pub fn adapter_is_hardware(device_type: wgpu::DeviceType) -> bool {
     matches!(
@@ -95,6 +95,8 @@ pub(super) fn open(options: &GpuOptions) -> Result<Opened> {
     let limits = adapter.limits();
     let descriptor = wgpu::DeviceDescriptor {
         label: Some("qwenlens"),
+        // The kernels need no optional feature: f16 weights are unpacked with the core
+        // `unpack2x16float` and no kernel uses subgroups, so they also run on GL.
         required_features: wgpu::Features::empty(),
         // The adapter's own limits, because wgpu's defaults cap storage bindings at 128 MiB and
         // buffers at 256 MiB even on GPUs that allow far more.

@@ -118,7 +118,7 @@ impl Context {
         result
     }
 
-    /// The buffer of a tensor created by this backend.
+    /// Returns the buffer of a tensor created by this backend.
     pub fn tensor_buffer<'a>(&self, op: &'static str, x: &'a Tensor) -> Result<&'a wgpu::Buffer> {
         match x.storage::<GpuTensor>() {
             Some(storage) if storage.backend_id == self.id => Ok(&storage.buffer),
@@ -129,7 +129,7 @@ impl Context {
         }
     }
 
-    /// The chunks of a weight created by this backend.
+    /// Returns the chunks of a weight created by this backend.
     pub fn weight_chunks<'a>(&self, op: &'static str, w: &'a Weight) -> Result<&'a [WeightChunk]> {
         match w.storage::<GpuWeight>() {
             Some(storage) if storage.backend_id == self.id => Ok(&storage.chunks),
@@ -140,7 +140,7 @@ impl Context {
         }
     }
 
-    /// The single buffer of a weight that must fit one binding (a norm weight or a bias).
+    /// Returns the single buffer of a weight that must fit one binding (a norm weight or a bias).
     pub fn weight_single<'a>(&self, op: &'static str, w: &'a Weight) -> Result<&'a wgpu::Buffer> {
         let chunks = self.weight_chunks(op, w)?;
         match chunks {
@@ -172,7 +172,7 @@ impl Context {
         }))
     }
 
-    /// A new zero-filled tensor.
+    /// Creates a zero-filled tensor.
     pub fn new_tensor(&self, op: &'static str, shape: Vec<usize>) -> Result<Tensor> {
         let buffer = self.create_f32_buffer(op, shape.iter().product())?;
         Ok(self.wrap(shape, buffer))
@@ -208,12 +208,12 @@ impl Context {
         Ok(self.wrap(shape.to_vec(), buffer))
     }
 
-    /// A small read-only storage buffer of `u32`s (token ids, indices); at least one element.
+    /// Uploads `u32`s (token ids, indices) to a read-only storage buffer of at least one element.
     pub fn upload_u32(&self, label: &'static str, data: &[u32]) -> Result<wgpu::Buffer> {
         self.upload_words(label, if data.is_empty() { &[0] } else { data })
     }
 
-    /// A small read-only storage buffer of `f32`s; at least one element.
+    /// Uploads `f32`s to a read-only storage buffer of at least one element.
     pub fn upload_f32(&self, label: &'static str, data: &[f32]) -> Result<wgpu::Buffer> {
         self.upload_words(
             label,
@@ -304,7 +304,7 @@ impl Context {
         ))
     }
 
-    /// A read-only storage buffer holding `data` padded with zeros to whole `u32`s (at least one).
+    /// Creates a read-only storage buffer with `data` padded with zeros to whole `u32`s (at least one).
     fn create_padded(&self, label: &'static str, data: &[u8]) -> wgpu::Buffer {
         let size = data.len().div_ceil(4).max(1) * 4;
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -344,7 +344,7 @@ impl Context {
 
         let (sender, receiver) = std::sync::mpsc::channel();
         staging.map_async(wgpu::MapMode::Read, .., move |result| {
-            // The receiver outlives the poll below, so a failed send cannot happen.
+            // The receiver lives until after the poll below, so this send cannot fail.
             let _ = sender.send(result);
         });
         self.device

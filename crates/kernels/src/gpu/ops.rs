@@ -122,8 +122,8 @@ impl GpuBackend {
             return Ok(out);
         }
 
-        // The angle is an f32 product as in Hugging Face transformers; cos and sin are computed on the
-        // host because GPU sin/cos lose accuracy on the large angles of late positions.
+        // The angle is an f32 product, as in Hugging Face transformers. Its cos and sin are computed on
+        // the host because GPU sin/cos lose accuracy on the large angles of late positions.
         let inv_freq: Vec<f32> = (0..half)
             .map(|i| f64::from(theta).powf(-2.0 * i as f64 / d_head as f64) as f32)
             .collect();
