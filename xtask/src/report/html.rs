@@ -347,7 +347,11 @@ fn importance_section(summary: &Summary, folder: &Path, missing: &mut Vec<String
     for (layer, row) in importance.kv_groups.iter().enumerate() {
         let _ = write!(html, "<tr><th>{layer}</th>");
         for delta in row {
-            let _ = write!(html, "<td>{delta:+.4}</td>");
+            if delta.is_nan() {
+                html.push_str("<td title=\"not swept\">–</td>");
+            } else {
+                let _ = write!(html, "<td>{delta:+.4}</td>");
+            }
         }
         html.push_str("</tr>");
     }

@@ -92,7 +92,7 @@ pub struct Message {
 pub struct GenerationSummary {
     /// New token ids, without the prompt.
     pub ids: Vec<u32>,
-    /// The new tokens decoded together, special tokens included.
+    /// The new tokens decoded together, without an end-of-sequence token that stopped generation.
     pub text: String,
     /// Each new token decoded on its own.
     pub tokens: Vec<String>,
@@ -124,22 +124,29 @@ pub struct LayerAttention {
     pub pictures: Vec<String>,
 }
 
-/// Statistics of one query head's attention pattern, averaged over the query positions.
+/// Statistics of one query head's pattern on the prompt. Scores average over the query rows after
+/// the first, because row 0 sees only key 0.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct HeadAttention {
     pub head: usize,
-    /// The KV head this query head reads (GQA group).
+    /// The KV head this query head reads (its GQA group).
     pub kv_group: usize,
-    /// Mean entropy of a query row, in nats.
+    /// Mean row entropy, in nats.
     pub entropy: f32,
-    /// Mean of each query row's largest weight.
-    pub max_weight: f32,
-    /// Mean weight on the previous token (queries after the first).
-    pub previous_token: f32,
+    /// Mean row entropy divided by that of a uniform row over the same keys (0 one-hot, 1 uniform).
+    pub normalized_entropy: f32,
     /// Mean weight on the first token.
-    pub first_token: f32,
+    pub sink_score: f32,
+    /// Mean weight on the previous token.
+    pub previous_token_score: f32,
     /// Mean weight of a query on its own position.
-    pub self_token: f32,
+    pub self_score: f32,
+    /// Mean distance from query to key, in tokens.
+    pub mean_distance: f32,
+    /// Mean weight along induction targets, when the prompt repeats tokens.
+    pub induction_score: Option<f32>,
+    /// The clear behaviour (`previous-token`, `sink`, `induction-candidate`), if any.
+    pub label: Option<String>,
 }
 
 /// Zero-ablation importance of every query head and KV group.
@@ -152,10 +159,13 @@ pub struct ImportanceSummary {
     /// Sweep algorithm: `fast` or `naive`.
     pub sweep: String,
     pub loss_clean: f32,
-    /// Loss deltas, `[n_layers][n_heads]`, from zeroing one query head's `hook_z`.
+    /// Loss deltas, `[n_layers][n_heads]`, from zeroing one query head's `hook_z`. Layers the
+    /// sweep skipped hold NaN, written as `null`.
+    #[serde(deserialize_with = "deserialize_table")]
     pub table: Vec<Vec<f32>>,
     /// Loss deltas, `[n_layers][n_kv_heads]`, from zeroing one KV head's `v` (all query heads of
-    /// its group at once).
+    /// its group at once), `null` where skipped.
+    #[serde(deserialize_with = "deserialize_table")]
     pub kv_groups: Vec<Vec<f32>>,
     /// The heads with the largest deltas, largest first.
     pub top_heads: Vec<HeadScore>,
@@ -193,6 +203,7 @@ pub struct PatchSummary {
     pub loss_patched: f32,
     /// New token ids of the patched generation.
     pub ids: Vec<u32>,
+    /// The patched completion, without an end-of-sequence token that stopped generation.
     pub text: String,
     /// Each new token decoded on its own.
     pub tokens: Vec<String>,
@@ -210,6 +221,18 @@ pub struct StepRecord {
     pub ok: bool,
 }
 
+/// Reads a table whose `null` entries (how serde_json writes NaN) stand for skipped values.
+fn deserialize_table<'de, D>(deserializer: D) -> Result<Vec<Vec<f32>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    let table: Vec<Vec<Option<f32>>> = Deserialize::deserialize(deserializer)?;
+    Ok(table
+        .into_iter()
+        .map(|row| row.into_iter().map(|v| v.unwrap_or(f32::NAN)).collect())
+        .collect())
+}
+
 impl Summary {
     /// Creates an empty summary of a run that is starting now.
     pub fn new(created_utc: String, command: Vec<String>) -> Self {
@@ -223,8 +246,8 @@ impl Summary {
 }
 
 impl ImportanceSummary {
-    /// Lists the `count` heads of `table` with the largest deltas, largest first; NaN deltas sort
-    /// last.
+    /// Lists the `count` heads of `table` with the largest deltas, largest first, leaving out NaN
+    /// deltas (heads the sweep skipped).
     pub fn rank_heads(table: &[Vec<f32>], count: usize) -> Vec<HeadScore> {
         let mut scores: Vec<HeadScore> = table
             .iter()
@@ -234,12 +257,10 @@ impl ImportanceSummary {
                     .enumerate()
                     .map(move |(head, &delta)| HeadScore { layer, head, delta })
             })
+            .filter(|score| !score.delta.is_nan())
             .collect();
 
-        scores.sort_by(|a, b| match (a.delta.is_nan(), b.delta.is_nan()) {
-            (false, false) => b.delta.total_cmp(&a.delta),
-            (nan_a, nan_b) => nan_a.cmp(&nan_b),
-        });
+        scores.sort_by(|a, b| b.delta.total_cmp(&a.delta));
         scores.truncate(count);
         scores
     }
@@ -260,13 +281,30 @@ mod tests {
     }
 
     #[test]
-    fn rank_heads_nan_last() {
+    fn rank_heads_skips_nan() {
         let table = vec![vec![f32::NAN, -3.0]];
 
         let ranked = ImportanceSummary::rank_heads(&table, 2);
 
+        assert_eq!(ranked.len(), 1);
         assert_eq!((ranked[0].layer, ranked[0].head), (0, 1));
-        assert!(ranked[1].delta.is_nan());
+    }
+
+    #[test]
+    fn importance_nan_round_trip() {
+        let importance = ImportanceSummary {
+            table: vec![vec![0.5, f32::NAN]],
+            kv_groups: vec![vec![f32::NAN]],
+            ..ImportanceSummary::default()
+        };
+
+        let json = serde_json::to_string(&importance).unwrap();
+        let back: ImportanceSummary = serde_json::from_str(&json).unwrap();
+
+        assert!(json.contains("[[0.5,null]]"), "{json}");
+        assert_eq!(back.table[0][0], 0.5);
+        assert!(back.table[0][1].is_nan());
+        assert!(back.kv_groups[0][0].is_nan());
     }
 
     #[test]
