@@ -917,3 +917,110 @@ fn cache_saved_to_safetensors_loads_back() {
         "no temporary file left behind"
     );
 }
+
+#[test]
+fn score_and_pattern_closures_match_replacement() {
+    let model = cpu_model("tiny-gqa");
+    let tokens = TokenBatch::single(&ids(7, 20, model.config().d_vocab()));
+    let n_heads = model.config().n_heads();
+    let replaced = all_logits(
+        &model,
+        &tokens,
+        Hooks::from_interventions(vec![Intervention::replace_pattern(
+            1,
+            2,
+            PatternSpec::FirstToken,
+        )]),
+    );
+
+    // Scores of -inf on every key but 0 make the softmax attend to the first token only.
+    let by_scores = all_logits(
+        &model,
+        &tokens,
+        Hooks::new().with_closure(
+            HookPoint::block(1, BlockHook::AttnScores),
+            move |scores, _| {
+                let (q_len, k_len) = (scores.shape[2], scores.shape[3]);
+                let head = &mut scores.data[2 * q_len * k_len..3 * q_len * k_len];
+                for row in head.chunks_mut(k_len) {
+                    row[1..].fill(f32::NEG_INFINITY);
+                }
+            },
+        ),
+    );
+    assert_close("scores closure", &by_scores.data, &replaced.data, 1e-5);
+
+    let by_pattern = all_logits(
+        &model,
+        &tokens,
+        Hooks::new().with_closure(
+            HookPoint::block(1, BlockHook::Pattern),
+            move |pattern, _| {
+                assert_eq!(pattern.shape[1], n_heads);
+                let (q_len, k_len) = (pattern.shape[2], pattern.shape[3]);
+                let head = &mut pattern.data[2 * q_len * k_len..3 * q_len * k_len];
+                for row in head.chunks_mut(k_len) {
+                    row.fill(0.0);
+                    row[0] = 1.0;
+                }
+            },
+        ),
+    );
+    assert_close("pattern closure", &by_pattern.data, &replaced.data, 1e-5);
+}
+
+#[test]
+fn scale_closure_rescales_normalized() {
+    let model = cpu_model("tiny-untied-sharded");
+    let tokens = TokenBatch::single(&ids(5, 21, 1000));
+    let by_scale = all_logits(
+        &model,
+        &tokens,
+        Hooks::new().with_closure(HookPoint::block(1, BlockHook::Ln2Scale), |scale, _| {
+            scale.data.iter_mut().for_each(|s| *s *= 2.0);
+        }),
+    );
+    let by_normalized = all_logits(
+        &model,
+        &tokens,
+        Hooks::new().with_closure(
+            HookPoint::block(1, BlockHook::Ln2Normalized),
+            |normalized, _| {
+                normalized.data.iter_mut().for_each(|x| *x *= 0.5);
+            },
+        ),
+    );
+    let clean = all_logits(&model, &tokens, Hooks::new());
+    assert_close(
+        "halved normalization",
+        &by_scale.data,
+        &by_normalized.data,
+        1e-5,
+    );
+    assert!(
+        max_abs_diff(&by_scale.data, &clean.data) > 1e-3,
+        "the scale closure had no effect"
+    );
+}
+
+#[test]
+fn result_closure_replaces_attn_out() {
+    let model = cpu_model("tiny-untied-sharded");
+    let tokens = TokenBatch::single(&ids(6, 22, 1000));
+    let (n_heads, d_model) = (model.config().n_heads(), model.config().d_model());
+    let by_result = all_logits(
+        &model,
+        &tokens,
+        Hooks::new().with_closure(HookPoint::block(0, BlockHook::Result), move |result, _| {
+            for row in result.data.chunks_mut(n_heads * d_model) {
+                row[4 * d_model..5 * d_model].fill(0.0);
+            }
+        }),
+    );
+    let by_z = all_logits(
+        &model,
+        &tokens,
+        Hooks::from_interventions(vec![Intervention::zero_head(0, 4)]),
+    );
+    assert_close("zeroed head result", &by_result.data, &by_z.data, 1e-4);
+}
