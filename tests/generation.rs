@@ -7,21 +7,22 @@ use qwenlens_kernels::cpu::CpuBackend;
 use qwenlens_kernels::{Backend, Device, create_backend};
 use qwenlens_model::{
     GenerateOptions, Hooks, Intervention, Model, PatternSpec, RunOptions, Sampling, StopReason,
-    TokenBatch,
+    TextStream, TokenBatch,
 };
 use qwenlens_tests::{fixture_model, fixtures_dir};
-use qwenlens_weights::Checkpoint;
+use qwenlens_weights::{Checkpoint, Tokenizer};
 use safetensors::{Dtype, SafeTensors};
 
 const MODELS: [&str; 3] = ["tiny-gqa", "tiny-untied-sharded", "tiny-mha-f16"];
 
-/// The CPU backend, created once.
+/// Returns the CPU backend, created once.
 fn cpu() -> Arc<dyn Backend> {
     static BACKEND: OnceLock<Arc<dyn Backend>> = OnceLock::new();
     BACKEND.get_or_init(|| Arc::new(CpuBackend::new())).clone()
 }
 
-/// The GPU backend (lavapipe without a GPU), created once because compiling its kernels is slow.
+/// Returns the GPU backend (lavapipe without a GPU), created once because compiling its kernels
+/// is slow.
 fn gpu() -> Arc<dyn Backend> {
     static BACKEND: OnceLock<Arc<dyn Backend>> = OnceLock::new();
     BACKEND
@@ -36,7 +37,7 @@ fn load(name: &str, backend: Arc<dyn Backend>) -> Model {
     Model::from_checkpoint(&checkpoint, backend).expect("model")
 }
 
-/// The `len7` golden file of a fixture model.
+/// Reads the `len7` golden file of a fixture model.
 fn golden_bytes(model: &str) -> Vec<u8> {
     let path = fixtures_dir()
         .join("goldens")
@@ -65,7 +66,7 @@ fn golden_f32(bytes: &[u8], name: &str) -> Vec<f32> {
         .collect()
 }
 
-/// The prompt and the 12 greedy tokens of a model's `len7` golden.
+/// Reads the prompt and the 12 greedy tokens of a model's `len7` golden.
 fn prompt_and_golden(model: &str) -> (Vec<u32>, Vec<u32>) {
     let bytes = golden_bytes(model);
     (
@@ -366,7 +367,7 @@ fn uniform_pattern_hooks() -> Hooks {
     )])
 }
 
-/// Logits of the last position of a full forward pass over `tokens`.
+/// Runs a full forward pass over `tokens` and returns the logits of its last position.
 fn full_forward_last(model: &Model, tokens: &[u32], hooks: &Hooks) -> Vec<f32> {
     let options = RunOptions {
         hooks: hooks.clone(),
@@ -436,7 +437,7 @@ fn check_pattern_replacement(backend: fn() -> Arc<dyn Backend>, backend_name: &s
         }
     }
 
-    // Otherwise the checks above could not tell a generation that ignores the hooks.
+    // If no generation changed, the checks above would also pass when generate ignored the hooks.
     assert!(
         !changed_models.is_empty(),
         "the pattern replacement changed no generation"
@@ -451,4 +452,37 @@ fn pattern_replacement_matches_recompute_cpu() {
 #[test]
 fn pattern_replacement_matches_recompute_gpu() {
     check_pattern_replacement(gpu, "gpu");
+}
+
+#[test]
+fn text_stream_reproduces_tokenizer_cases() {
+    let tokenizer = Tokenizer::from_dir(fixture_model("tiny-gqa")).expect("tiny-gqa tokenizer");
+    let path = fixtures_dir().join("tokenizer/qwen2.5/cases.json");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).expect("cases.json")).unwrap();
+
+    for case in cases.as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let decoded = case["decoded"].as_str().unwrap();
+        let ids: Vec<u32> = serde_json::from_value(case["ids"].clone()).unwrap();
+
+        let mut stream = TextStream::default();
+        let mut pieces = Vec::new();
+        for &id in &ids {
+            pieces.push(stream.push(id, |ids| tokenizer.decode(ids)).unwrap());
+        }
+        let rest = stream.finish(|ids| tokenizer.decode(ids)).unwrap();
+
+        assert_eq!(pieces.concat() + &rest, decoded, "{name}");
+        assert!(
+            rest.is_empty(),
+            "{name}: text held back until finish: {rest:?}"
+        );
+        for piece in &pieces {
+            assert!(
+                !piece.contains('\u{FFFD}'),
+                "{name}: partial character in {piece:?}"
+            );
+        }
+    }
 }

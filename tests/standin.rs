@@ -17,7 +17,7 @@ const IM_END: u32 = 151_645;
 /// "Paris".
 const PARIS: u32 = 59_604;
 
-/// The stand-in on the CPU backend, loaded once for all tests.
+/// Returns the stand-in on the CPU backend, loaded once for all tests.
 fn model() -> &'static Model {
     static MODEL: OnceLock<Model> = OnceLock::new();
     MODEL.get_or_init(|| {
@@ -34,7 +34,7 @@ fn golden_bytes() -> &'static [u8] {
     })
 }
 
-/// A golden tensor as f32 values (ids converted from I64) with its shape.
+/// Reads a golden tensor's shape and values as f32 (ids converted from I64).
 fn golden(name: &str) -> (Vec<usize>, Vec<f32>) {
     let tensors = SafeTensors::deserialize(golden_bytes()).expect("golden safetensors");
     let view = tensors.tensor(name).expect("golden tensor");
@@ -154,7 +154,7 @@ fn france_greedy_matches_golden() {
 }
 
 #[test]
-fn france_answer_stops_at_im_end() {
+fn france_generation_stops_at_im_end() {
     let model = model();
     let prompt = france_prompt();
     let options = GenerateOptions {

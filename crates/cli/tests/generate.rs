@@ -32,7 +32,7 @@ fn stderr(output: &Output) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
-/// A fresh folder under the system temporary folder, unique to this process and test.
+/// Creates a fresh folder under the system temporary folder, unique to this process and test.
 fn temp_folder(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("qwenlens-cli-{}-{test}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
@@ -40,7 +40,7 @@ fn temp_folder(test: &str) -> PathBuf {
     dir
 }
 
-/// The header of a safetensors file: tensor name to (dtype, shape), metadata left out.
+/// Reads the header of a safetensors file: tensor name to (dtype, shape), metadata left out.
 fn safetensors_header(path: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
     let bytes = std::fs::read(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
@@ -64,7 +64,7 @@ fn safetensors_header(path: &Path) -> BTreeMap<String, (String, Vec<usize>)> {
         .collect()
 }
 
-/// An I64 tensor of a safetensors file, read through its header's data offsets.
+/// Reads an I64 tensor of a safetensors file through its header's data offsets.
 fn safetensors_i64(path: &Path, name: &str) -> Vec<i64> {
     let bytes = std::fs::read(path).unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     let header_len = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;

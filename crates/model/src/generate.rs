@@ -174,7 +174,7 @@ impl Model {
                 max: max_positions,
             });
         }
-        if prompt.len() + max_new_tokens > max_positions {
+        if prompt.len().saturating_add(max_new_tokens) > max_positions {
             return Err(ModelError::InvalidArgument(format!(
                 "a prompt of {} tokens plus max_new_tokens {max_new_tokens} exceeds the model's \
                  context of {max_positions} tokens (max_position_embeddings); set max_new_tokens \

@@ -213,9 +213,9 @@ pub fn apply_top_k(logits: &mut [f32], k: usize) {
     }
 }
 
-/// Nucleus filtering as transformers does it: sorting the tokens by increasing probability, it
-/// removes those whose cumulative probability is at most `1 - top_p`, always keeping the most
-/// likely token. `top_p >= 1` leaves the row unchanged.
+/// Applies nucleus (top-p) filtering as transformers does. With the tokens sorted by increasing
+/// probability, it removes those whose cumulative probability is at most `1 - top_p`, always
+/// keeping the most likely token. `top_p >= 1` leaves the row unchanged.
 pub fn apply_top_p(logits: &mut [f32], top_p: f32) {
     if top_p >= 1.0 {
         return;
@@ -237,7 +237,7 @@ pub fn apply_top_p(logits: &mut [f32], top_p: f32) {
     }
 }
 
-/// Index of the largest logit; the first one on ties.
+/// Returns the index of the largest logit, the first one on ties.
 pub fn argmax(logits: &[f32]) -> usize {
     let mut best = 0;
     for (index, &logit) in logits.iter().enumerate() {
@@ -248,7 +248,7 @@ pub fn argmax(logits: &[f32]) -> usize {
     best
 }
 
-/// Softmax of a row, computed in f64 and returned in f32; `-inf` logits get probability 0.
+/// Computes the softmax of a row in f64 and returns it in f32. `-inf` logits get probability 0.
 pub fn softmax(logits: &[f32]) -> Vec<f32> {
     let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     if max == f32::NEG_INFINITY {
@@ -263,9 +263,9 @@ pub fn softmax(logits: &[f32]) -> Vec<f32> {
     exps.iter().map(|&e| (e / sum) as f32).collect()
 }
 
-/// Inverse-CDF draw: the first index whose cumulative probability exceeds `u` in `[0, 1)`. Rounding
-/// can leave the total a little under 1, so a `u` beyond it falls on the last token of nonzero
-/// probability.
+/// Draws by inverse CDF, returning the first index whose cumulative probability exceeds `u` in
+/// `[0, 1)`. Rounding can leave the total a little under 1, so a `u` beyond it falls on the last
+/// token of nonzero probability.
 fn draw(probs: &[f32], u: f64) -> usize {
     let mut cumulative = 0.0f64;
     let mut last_nonzero = 0;

@@ -82,7 +82,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Fails before the model is loaded when the output file could not be created.
+/// Checks, before the model is loaded, that the output path is a file in an existing folder.
 fn check_output_folder(out: &Path) -> anyhow::Result<()> {
     let folder = match out.parent() {
         Some(parent) if !parent.as_os_str().is_empty() => parent,
@@ -104,8 +104,8 @@ fn check_output_folder(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The hook points whose names `pattern` matches, or without a pattern those that TransformerLens
-/// records by default (all but `attn.hook_result`).
+/// Selects the hook points whose names `pattern` matches, or without a pattern those that
+/// TransformerLens records by default (all but `attn.hook_result`).
 fn selected_points(pattern: Option<&str>, n_layers: usize) -> anyhow::Result<Vec<HookPoint>> {
     let Some(pattern) = pattern else {
         return Ok(HookPoint::defaults(n_layers));

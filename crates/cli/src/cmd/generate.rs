@@ -15,7 +15,8 @@ pub struct Args {
     #[command(flatten)]
     pub prompt: PromptArgs,
 
-    /// Maximum number of new tokens [default: generation_config.json's max_new_tokens, else 256].
+    /// Maximum number of new tokens [default: generation_config.json's max_new_tokens, else 256,
+    /// lowered to fit the model's context].
     #[arg(long, value_name = "N")]
     pub max_new_tokens: Option<usize>,
 
