@@ -16,8 +16,11 @@
 //                  lavapipe): dispatch (ceil(nc / 32), ceil(m / 32), 1)
 //   matmul_tiled   workgroup 16×16, 16×16 tiles of x and w staged in workgroup memory (real GPUs):
 //                  dispatch (ceil(nc / 16), ceil(m / 16), 1)
-//   gemv           workgroup 64, one invocation per output element, for decode-sized m:
-//                  dispatch (ceil(nc / 64), m, 1)
+//   gemv           workgroup 64, one invocation per output element, for decode-sized m on CPU
+//                  adapters: dispatch (ceil(nc / 64), m, 1)
+//   gemv_coop      workgroup 64 sharing one output element (coalesced weight reads, reduction in
+//                  workgroup memory), for decode-sized m on real GPUs: dispatch (x, y, m) with
+//                  x · y ≥ nc, x = min(nc, max workgroups per dimension)
 
 override W_DTYPE: u32 = 0u;
 
@@ -173,4 +176,48 @@ fn gemv(@builtin(global_invocation_id) gid: vec3<u32>) {
         }
     }
     store(row, col, acc);
+}
+
+var<workgroup> gemv_partial: array<f32, 64>;
+
+@compute @workgroup_size(64, 1, 1)
+fn gemv_coop(
+    @builtin(workgroup_id) wid: vec3<u32>,
+    @builtin(local_invocation_index) lid: u32,
+    @builtin(num_workgroups) nwg: vec3<u32>,
+) {
+    // The output element is uniform across the workgroup, so the early return keeps barriers uniform.
+    let col = wid.y * nwg.x + wid.x;
+    let row = wid.z;
+    if col >= p.nc || row >= p.m {
+        return;
+    }
+
+    let xb = p.x_base + row * p.k;
+    let wb = col * p.k;
+    var acc = 0.0;
+    if W_DTYPE != 0u && (p.k & 1u) == 0u {
+        let wwb = wb / 2u;
+        for (var t = lid; t < p.k / 2u; t += 64u) {
+            let word = w[wwb + t];
+            acc += x[xb + 2u * t] * unpack_half(word, false, W_DTYPE);
+            acc += x[xb + 2u * t + 1u] * unpack_half(word, true, W_DTYPE);
+        }
+    } else {
+        for (var kk = lid; kk < p.k; kk += 64u) {
+            acc += x[xb + kk] * load_w(wb + kk);
+        }
+    }
+    gemv_partial[lid] = acc;
+    workgroupBarrier();
+
+    for (var stride = 32u; stride > 0u; stride >>= 1u) {
+        if lid < stride {
+            gemv_partial[lid] += gemv_partial[lid + stride];
+        }
+        workgroupBarrier();
+    }
+    if lid == 0u {
+        store(row, col, gemv_partial[0]);
+    }
 }

@@ -25,13 +25,16 @@ use pipelines::Pipelines;
 /// The WGSL sources embedded in the backend, by file name.
 pub const SHADER_FILES: &[(&str, &str)] = pipelines::SHADER_FILES;
 
-/// Matmul kernel for inputs with more rows than [`GpuOptions::gemv_max_rows`].
+/// Matmul kernel family: the kernel for inputs with more rows than [`GpuOptions::gemv_max_rows`]
+/// and the GEMV kernel that goes with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulKernel {
-    /// 4×4 output blocks per invocation without workgroup memory; fastest on lavapipe and other CPU
-    /// adapters, where workgroup barriers are expensive.
+    /// 4×4 output blocks per invocation without workgroup memory, and a GEMV with one invocation per
+    /// output element. Fastest on lavapipe and other CPU adapters, where workgroup barriers are
+    /// expensive.
     RegisterBlocked,
-    /// 16×16 tiles staged in workgroup memory; the usual choice on real GPUs.
+    /// 16×16 tiles staged in workgroup memory, and a GEMV whose workgroup shares each output element.
+    /// The usual choice on real GPUs.
     Tiled,
 }
 

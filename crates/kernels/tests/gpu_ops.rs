@@ -32,7 +32,6 @@ fn gpu_other_kernel() -> &'static GpuBackend {
         };
         let options = GpuOptions {
             matmul_kernel: Some(other),
-            gemv_max_rows: 0,
             warm_up: false,
             ..GpuOptions::default()
         };

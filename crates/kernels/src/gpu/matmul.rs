@@ -118,9 +118,12 @@ impl GpuBackend {
             }
         };
 
+        // The GEMV variant follows the prefill kernel: adapters that favour workgroup memory also
+        // favour a workgroup cooperating on each output element.
         let use_gemv = m <= self.gemv_max_rows;
         let (pipelines, block) = match (use_gemv, self.matmul_kernel) {
-            (true, _) => (&self.pipelines.gemv, 0),
+            (true, MatmulKernel::RegisterBlocked) => (&self.pipelines.gemv, 64),
+            (true, MatmulKernel::Tiled) => (&self.pipelines.gemv_coop, 1),
             (false, MatmulKernel::RegisterBlocked) => (&self.pipelines.matmul_reg4x4, 32),
             (false, MatmulKernel::Tiled) => (&self.pipelines.matmul_tiled, 16),
         };
@@ -148,8 +151,11 @@ impl GpuBackend {
                     out_window.base,
                     bias_mode,
                 ];
-                let grid = if use_gemv {
-                    [chunk.rows.div_ceil(64) as u32, mc as u32, 1]
+                let grid = if use_gemv && block == 1 {
+                    let [x, y, _] = self.ctx.grid(op, chunk.rows, 1)?;
+                    [x, y, mc as u32]
+                } else if use_gemv {
+                    [chunk.rows.div_ceil(block) as u32, mc as u32, 1]
                 } else {
                     [
                         chunk.rows.div_ceil(block) as u32,
