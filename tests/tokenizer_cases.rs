@@ -163,3 +163,12 @@ fn chat_unknown_role_lists_valid_roles() {
     assert!(error.contains("\"narrator\""), "{error}");
     assert!(error.contains("system, user, assistant, tool"), "{error}");
 }
+
+#[test]
+fn decode_ids_beyond_tokenizer_vocabulary() {
+    // The model's d_vocab (151936) exceeds the tokenizer's 151665 tokens; a model can still predict
+    // those padding rows, and decoding must not fail on them.
+    let tokenizer = tokenizer();
+    let text = tokenizer.decode(&[9707, 151700, 1879]).unwrap();
+    assert_eq!(text, "Hello world");
+}

@@ -294,7 +294,13 @@ fn heads_not_divisible_by_kv_heads_is_error() {
 #[test]
 fn config_problems_are_errors() {
     type Edit = fn(&mut serde_json::Map<String, serde_json::Value>);
-    let cases: [(Edit, &str); 6] = [
+    let cases: [(Edit, &str); 7] = [
+        (
+            |c| {
+                c.insert("vocab_size".into(), (u64::MAX / 2).into());
+            },
+            "describe more parameters than fit in memory",
+        ),
         (
             |c| {
                 c.insert("hidden_size".into(), 66.into());

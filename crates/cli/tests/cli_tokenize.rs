@@ -21,7 +21,7 @@ fn fixture_model(name: &str) -> String {
         .to_string()
 }
 
-/// The stand-in checkpoint folder; its hub cache `hf-home` sits beside it.
+/// Returns the stand-in checkpoint folder. Its hub cache `hf-home` is beside it.
 fn standin_dir() -> PathBuf {
     let dir = match std::env::var_os("QWENLENS_STANDIN") {
         Some(dir) => PathBuf::from(dir),

@@ -172,6 +172,31 @@ impl Qwen2Config {
             )));
         }
 
+        // Tensor sizes and the parameter count are computed with plain arithmetic later, so a
+        // hostile config must not be able to overflow them.
+        let attention_width = num_attention_heads.checked_mul(head_dim);
+        let per_layer = attention_width
+            .and_then(|width| width.checked_mul(hidden_size))
+            .and_then(|q| q.checked_mul(4))
+            .and_then(|attention| {
+                let mlp = intermediate_size.checked_mul(hidden_size)?.checked_mul(3)?;
+                attention.checked_add(mlp)
+            });
+        let total = per_layer
+            .and_then(|layer| layer.checked_mul(num_hidden_layers))
+            .and_then(|layers| {
+                let embeddings = vocab_size.checked_mul(hidden_size)?.checked_mul(2)?;
+                layers.checked_add(embeddings)
+            });
+        if total.is_none_or(|count| count > isize::MAX as usize) {
+            return Err(invalid(format!(
+                "the sizes (hidden_size {hidden_size}, intermediate_size {intermediate_size}, \
+                 num_hidden_layers {num_hidden_layers}, num_attention_heads {num_attention_heads}, \
+                 head_dim {head_dim}, vocab_size {vocab_size}) describe more parameters than fit \
+                 in memory"
+            )));
+        }
+
         let rope_theta = match (raw.rope_theta, &raw.rope_parameters) {
             (Some(theta), _) => theta,
             (

@@ -7,8 +7,8 @@ pub type Result<T, E = WeightsError> = std::result::Result<T, E>;
 
 /// What went wrong while reading a checkpoint, resolving a model source or tokenizing.
 ///
-/// Every variant names the file (or hub id) and the value involved, so the message alone tells the
-/// user what to fix.
+/// Every variant names the file (or hub id) and the value involved, so the message alone shows
+/// the user what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
     /// A file could not be opened or read.
@@ -26,7 +26,7 @@ pub enum WeightsError {
     MissingFile {
         /// The file that was expected.
         path: PathBuf,
-        /// What the file is for and how to provide it.
+        /// The purpose of the file and how to provide it.
         hint: String,
     },
 
@@ -54,7 +54,7 @@ pub enum WeightsError {
     InvalidSafetensors {
         /// The safetensors file.
         path: PathBuf,
-        /// What is inconsistent, with the values found.
+        /// The inconsistency, with the values found.
         message: String,
     },
 
@@ -63,7 +63,7 @@ pub enum WeightsError {
     InvalidIndex {
         /// The index file.
         path: PathBuf,
-        /// What is wrong with it.
+        /// The problem, with the values found.
         message: String,
     },
 
@@ -151,7 +151,7 @@ pub enum WeightsError {
     InvalidSource {
         /// The text as given.
         text: String,
-        /// Why it is neither a folder nor a hub id, and what to pass instead.
+        /// The reason it is neither a folder nor a hub id, and what to pass instead.
         message: String,
     },
 
@@ -178,7 +178,7 @@ pub enum WeightsError {
     InvalidChat {
         /// The chat file, when the chat came from one.
         source_name: Option<PathBuf>,
-        /// What is wrong, with the message index.
+        /// The problem, with the message index.
         message: String,
     },
 }

@@ -1,5 +1,5 @@
-//! Where a model comes from: a local folder or a Hugging Face hub id resolved through the same
-//! cache that Python's `huggingface_hub` uses.
+//! Model sources: a local folder, or a Hugging Face hub id resolved through the same cache that
+//! Python's `huggingface_hub` uses.
 
 use std::path::{Path, PathBuf};
 
@@ -33,7 +33,8 @@ pub enum ModelSource {
     },
 }
 
-/// How hub ids are resolved: the cache folder, whether the network may be used, and the endpoint.
+/// Settings for resolving hub ids: the cache folder, whether the network may be used, and the
+/// endpoint.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HubSettings {
     /// The hub cache folder (`.../huggingface/hub`), laid out as `huggingface_hub` does it:
@@ -41,7 +42,7 @@ pub struct HubSettings {
     pub cache_dir: PathBuf,
     /// Only read the cache, never contact the hub.
     pub offline: bool,
-    /// Hub URL, `https://huggingface.co` unless `HF_ENDPOINT` says otherwise.
+    /// Hub URL, `https://huggingface.co` unless `HF_ENDPOINT` sets another.
     pub endpoint: String,
 }
 
@@ -89,9 +90,8 @@ impl HubSettings {
 impl ModelSource {
     /// Interprets `text` as an existing folder, else as a hub id `org/name` at `revision`.
     ///
-    /// Text that looks like a path (starts with `/`, `.` or `~`, or has more than one `/`) but is
-    /// not an existing folder is an error rather than a hub id, so a typo in a path is reported as
-    /// a missing folder.
+    /// Text that looks like a path (starts with `/`, `.` or `~`, or has more than one `/`) is never
+    /// taken as a hub id. If it is not an existing folder, the error reports a missing folder.
     pub fn parse(text: &str, revision: &str) -> Result<Self> {
         let path = Path::new(text);
         if path.is_dir() {
@@ -175,7 +175,7 @@ impl std::fmt::Display for ModelSource {
     }
 }
 
-/// The snapshot folder of `id` at `revision` in the cache, if it holds a `config.json` and weights.
+/// The snapshot folder of `id` at `revision` in the cache, if it contains `config.json` and weights.
 ///
 /// A branch or tag goes through `refs/<revision>`; a commit hash names its snapshot folder directly,
 /// as in `huggingface_hub`.
@@ -218,7 +218,8 @@ fn download(settings: &HubSettings, id: &str, revision: &str) -> Result<PathBuf>
 
     let api = ApiBuilder::from_cache(Cache::new(settings.cache_dir.clone()))
         .with_endpoint(settings.endpoint.clone())
-        .with_progress(true)
+        // A progress bar only helps a person watching a terminal; in logs it is noise.
+        .with_progress(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .build()
         .map_err(|error| unavailable(error.to_string()))?;
     let repo = api.repo(Repo::with_revision(

@@ -80,14 +80,18 @@ impl Tokenizer {
         Ok(encoding.get_ids().to_vec())
     }
 
-    /// The text of `ids`, special tokens included, byte sequences joined before UTF-8 decoding.
+    /// Decodes `ids` to text, special tokens included. Byte-level pieces are joined before UTF-8
+    /// decoding, so a character split across tokens decodes whole. Ids the tokenizer does not
+    /// know, such as the padding rows between its 151665 tokens and Qwen2.5's `d_vocab` of 151936,
+    /// are skipped.
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner
             .decode(ids, false)
             .map_err(|error| self.error(format!("failed to decode {} ids: {error}", ids.len())))
     }
 
-    /// The vocabulary string of each id (byte-level, e.g. `Ġthe` for " the").
+    /// Returns the vocabulary string of each id (byte-level, e.g. `Ġthe` for " the"), or an error
+    /// naming the first id outside the vocabulary.
     pub fn tokens(&self, ids: &[u32]) -> Result<Vec<String>> {
         ids.iter()
             .map(|&id| {

@@ -22,7 +22,7 @@ pub struct Args {
     pub no_generation_prompt: bool,
 }
 
-/// What to tokenize: raw text or a chat file.
+/// The input to tokenize: raw text or a chat file.
 #[derive(clap::Args)]
 #[group(required = true, multiple = false)]
 pub struct Input {
