@@ -1,5 +1,5 @@
 //! Downloading hub models into an empty cache from a fake hub served on the loopback interface.
-//! It answers the requests `hf-hub` makes (`GET /{id}/resolve/{revision}/{file}` with a Range
+//! It serves the requests `hf-hub` makes (`GET /{id}/resolve/{revision}/{file}` with a Range
 //! header) from the fixture model folders.
 
 use std::io::{BufRead, BufReader, Write};
@@ -45,7 +45,7 @@ impl FakeHub {
     }
 }
 
-/// Answers one HTTP/1.1 request and closes the connection.
+/// Serves one HTTP/1.1 request and closes the connection.
 fn serve(mut stream: TcpStream, log: &Mutex<Vec<String>>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
@@ -154,7 +154,7 @@ fn download_single_file_model() {
     let tokenizer = Tokenizer::from_dir(&dir).unwrap();
     assert_eq!(tokenizer.encode("<|im_start|>").unwrap(), vec![151644]);
 
-    // The cache now answers offline, with the ref written by the download.
+    // The cache now resolves the model offline, through the ref that the download wrote.
     let offline = HubSettings {
         offline: true,
         ..online(&cache, &hub)

@@ -431,3 +431,27 @@ fn chat_file_missing_is_error() {
     let error = read_chat_file(&path).unwrap_err().to_string();
     assert!(error.contains("no-such-chat.json"), "{error}");
 }
+
+#[test]
+fn shard_index_empty_weight_map_is_error() {
+    let dir = copy_model("tiny-untied-sharded");
+    fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        r#"{"metadata": {}, "weight_map": {}}"#,
+    )
+    .unwrap();
+
+    let error = open_error(dir.path());
+    assert!(error.contains("weight_map is empty"), "{error}");
+}
+
+#[test]
+fn open_on_file_or_missing_folder_is_error() {
+    let file = fixture_model("tiny-gqa").join("config.json");
+    let error = open_error(&file);
+    assert!(error.contains("this is a file"), "{error}");
+
+    let missing = fixture_model("no-such-model");
+    let error = open_error(&missing);
+    assert!(error.contains("the model folder does not exist"), "{error}");
+}

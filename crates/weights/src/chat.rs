@@ -23,7 +23,8 @@ pub struct ChatMessage {
 }
 
 impl ChatMessage {
-    /// A message with the given role and content (the role is checked when the chat is rendered).
+    /// Creates a message with the given role and content (the role is checked when the chat is
+    /// rendered).
     pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
         Self {
             role: role.into(),
@@ -31,17 +32,17 @@ impl ChatMessage {
         }
     }
 
-    /// A `system` message.
+    /// Creates a `system` message.
     pub fn system(content: impl Into<String>) -> Self {
         Self::new("system", content)
     }
 
-    /// A `user` message.
+    /// Creates a `user` message.
     pub fn user(content: impl Into<String>) -> Self {
         Self::new("user", content)
     }
 
-    /// An `assistant` message.
+    /// Creates an `assistant` message.
     pub fn assistant(content: impl Into<String>) -> Self {
         Self::new("assistant", content)
     }

@@ -52,9 +52,15 @@ impl Checkpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self> {
         let dir = dir.as_ref();
         if !dir.is_dir() {
+            let hint = if dir.exists() {
+                "this is a file, but a checkpoint is a folder holding config.json and the \
+                 safetensors weights"
+            } else {
+                "the model folder does not exist"
+            };
             return Err(WeightsError::MissingFile {
                 path: dir.to_path_buf(),
-                hint: "the model folder does not exist".into(),
+                hint: hint.into(),
             });
         }
 
@@ -313,6 +319,11 @@ fn map_weight_files(dir: &Path) -> Result<(Vec<SafetensorsFile>, HashMap<String,
         path: index_path.clone(),
         message,
     };
+    if index.weight_map.is_empty() {
+        return Err(invalid(
+            "weight_map is empty, so no tensor can be located".into(),
+        ));
+    }
 
     // Shards in name order, so `model-00001-of-00002` comes first.
     let mut shard_names: Vec<&String> = index.weight_map.values().collect();

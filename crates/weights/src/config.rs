@@ -80,7 +80,7 @@ pub struct Qwen2Config {
     pub rope_theta: f64,
     /// Epsilon inside every RMSNorm.
     pub rms_norm_eps: f64,
-    /// Longest context the model was trained for.
+    /// Maximum context length the model was trained for.
     pub max_position_embeddings: usize,
     /// Whether the unembedding reuses `model.embed_tokens.weight` (no `lm_head.weight`).
     pub tie_word_embeddings: bool,
