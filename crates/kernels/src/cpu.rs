@@ -133,6 +133,54 @@ impl CpuBackend {
     }
 }
 
+/// An output buffer shared by parallel tasks that write disjoint elements of it.
+#[derive(Clone, Copy)]
+struct OutPtr {
+    ptr: *mut f32,
+    len: usize,
+}
+
+// SAFETY: tasks only write disjoint elements (each caller's SAFETY comment says which), and the
+// buffer outlives the parallel scope that uses the pointer.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn new(buffer: &mut [f32]) -> Self {
+        Self {
+            ptr: buffer.as_mut_ptr(),
+            len: buffer.len(),
+        }
+    }
+
+    /// Pointer to element `offset`. Closures call this method instead of reading the field so
+    /// that they capture the whole `Send` wrapper, not the raw pointer inside it.
+    fn at(self, offset: usize) -> *mut f32 {
+        assert!(
+            offset <= self.len,
+            "offset {offset} past a buffer of {}",
+            self.len
+        );
+        self.ptr.wrapping_add(offset)
+    }
+
+    /// Elements `offset..offset + len`.
+    ///
+    /// # Safety
+    /// No other live reference or task may access these elements.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn slice<'a>(self, offset: usize, len: usize) -> &'a mut [f32] {
+        assert!(
+            offset + len <= self.len,
+            "range {offset}..{} past a buffer of {}",
+            offset + len,
+            self.len
+        );
+        // SAFETY: in bounds (checked above) and exclusive (the caller's contract).
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.add(offset), len) }
+    }
+}
+
 /// Wraps f32 values in a CPU tensor.
 fn tensor(shape: Vec<usize>, values: Vec<f32>) -> Tensor {
     debug_assert_eq!(shape.iter().product::<usize>(), values.len());

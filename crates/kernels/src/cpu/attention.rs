@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::OutPtr;
 use super::simd;
 use crate::backend::{AttentionParams, PatternOverride};
 use crate::{KernelError, Result, Tensor};
@@ -97,8 +98,12 @@ pub(super) fn validate(
     Ok(())
 }
 
+/// Query rows per rayon task: enough work to amortize the task, and enough tasks to balance the
+/// causal rows (later rows see more keys) over the threads.
+const ROWS_PER_TASK: usize = 16;
+
 /// Runs attention on validated operands; `overrides` pairs a head with its `[batch, q_len, kv_len]`
-/// pattern. Parallel over (batch item, query head).
+/// pattern. Parallel over (batch item, query head, block of query rows).
 pub(super) fn attention(
     q: &[f32],
     k: &[f32],
@@ -108,49 +113,47 @@ pub(super) fn attention(
 ) -> Outputs {
     let p = params;
     let (q_len, kv_len, d_head) = (p.q_len, p.kv_len, p.d_head);
-    let group = p.n_heads / p.n_kv_heads;
     let pairs = p.batch * p.n_heads;
     let plane = q_len * kv_len;
+
+    // Scores and pattern are only materialized when requested: at long contexts they are far
+    // larger than q, k and v. Otherwise each task works on one row of scratch.
+    let mut z = vec![0.0f32; pairs * q_len * d_head];
+    let mut scores = p.want_scores.then(|| vec![0.0f32; pairs * plane]);
+    let mut pattern = p.want_pattern.then(|| vec![0.0f32; pairs * plane]);
     if pairs == 0 || q_len == 0 {
-        return Outputs {
-            z: Vec::new(),
-            scores: p.want_scores.then(Vec::new),
-            pattern: p.want_pattern.then(Vec::new),
-        };
+        return Outputs { z, scores, pattern };
     }
 
-    // Each (batch item, head) pair owns one contiguous `[q_len, kv_len]` plane of scores and pattern
-    // (the `[batch, n_heads, q_len, kv_len]` layout) and one `[q_len, d_head]` block of z, which is
-    // interleaved into `[batch * q_len, n_heads, d_head]` afterwards.
-    let mut scores = vec![0.0f32; pairs * plane];
-    let mut pattern = vec![0.0f32; pairs * plane];
-    let mut z_by_head = vec![0.0f32; pairs * q_len * d_head];
+    let z_out = OutPtr::new(&mut z);
+    let scores_out = scores.as_mut().map(|s| OutPtr::new(s));
+    let pattern_out = pattern.as_mut().map(|s| OutPtr::new(s));
+    let blocks = q_len.div_ceil(ROWS_PER_TASK);
+    let dot = simd::dot_f32_fn();
 
-    scores
-        .par_chunks_mut(plane.max(1))
-        .zip(pattern.par_chunks_mut(plane.max(1)))
-        .zip(z_by_head.par_chunks_mut((q_len * d_head).max(1)))
-        .enumerate()
-        .for_each(|(pair, ((scores, pattern), z))| {
+    (0..pairs * blocks).into_par_iter().for_each_init(
+        || (vec![0.0f32; kv_len], vec![0.0f32; kv_len]),
+        |(score_row, pattern_row), task| {
+            let (pair, block) = (task / blocks, task % blocks);
             let (b, h) = (pair / p.n_heads, pair % p.n_heads);
-            let kv_head = h / group;
+            let kv_head = h / (p.n_heads / p.n_kv_heads);
             let head_override = overrides
                 .iter()
                 .find(|(head, _)| *head == h)
                 .map(|(_, values)| &values[b * plane..(b + 1) * plane]);
+            let key = |j: usize| ((b * kv_len + j) * p.n_kv_heads + kv_head) * d_head;
 
-            for i in 0..q_len {
+            for i in block * ROWS_PER_TASK..((block + 1) * ROWS_PER_TASK).min(q_len) {
                 let last = kv_len - q_len + i;
                 let first = p.key_start[b];
-                let q_row = &q[((b * q_len + i) * p.n_heads + h) * d_head..][..d_head];
-                let key = |j: usize| ((b * kv_len + j) * p.n_kv_heads + kv_head) * d_head;
-                let score_row = &mut scores[i * kv_len..(i + 1) * kv_len];
-                let pattern_row = &mut pattern[i * kv_len..(i + 1) * kv_len];
+                let q_at = ((b * q_len + i) * p.n_heads + h) * d_head;
+                let q_row = &q[q_at..q_at + d_head];
 
                 score_row.fill(f32::NEG_INFINITY);
+                pattern_row.fill(0.0);
                 if first <= last {
                     for j in first..=last {
-                        score_row[j] = p.scale * simd::dot_f32(q_row, &k[key(j)..key(j) + d_head]);
+                        score_row[j] = p.scale * dot(q_row, &k[key(j)..key(j) + d_head]);
                     }
                     softmax(&score_row[first..=last], &mut pattern_row[first..=last]);
                 }
@@ -164,7 +167,8 @@ pub(super) fn attention(
                     None => 0..0,
                 };
 
-                let z_row = &mut z[i * d_head..(i + 1) * d_head];
+                // SAFETY: row `i` of head `h` of batch item `b` is written by this task only.
+                let z_row = unsafe { z_out.slice(q_at, d_head) };
                 for j in visible {
                     let weight = pattern_row[j];
                     if weight == 0.0 {
@@ -174,23 +178,21 @@ pub(super) fn attention(
                         *out += weight * value;
                     }
                 }
+
+                let plane_row = (pair * q_len + i) * kv_len;
+                if let Some(out) = scores_out {
+                    // SAFETY: as for `z_row`.
+                    unsafe { out.slice(plane_row, kv_len) }.copy_from_slice(score_row);
+                }
+                if let Some(out) = pattern_out {
+                    // SAFETY: as for `z_row`.
+                    unsafe { out.slice(plane_row, kv_len) }.copy_from_slice(pattern_row);
+                }
             }
-        });
+        },
+    );
 
-    let mut z = vec![0.0f32; z_by_head.len()];
-    for (pair, block) in z_by_head.chunks_exact(q_len * d_head).enumerate() {
-        let (b, h) = (pair / p.n_heads, pair % p.n_heads);
-        for (i, row) in block.chunks_exact(d_head).enumerate() {
-            let start = ((b * q_len + i) * p.n_heads + h) * d_head;
-            z[start..start + d_head].copy_from_slice(row);
-        }
-    }
-
-    Outputs {
-        z,
-        scores: p.want_scores.then_some(scores),
-        pattern: p.want_pattern.then_some(pattern),
-    }
+    Outputs { z, scores, pattern }
 }
 
 /// Softmax of `scores` into `out`, in f32 after subtracting the max.

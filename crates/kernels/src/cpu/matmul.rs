@@ -3,8 +3,8 @@
 use gemm::Parallelism;
 use rayon::prelude::*;
 
-use super::CpuWeightData;
 use super::simd::{self, DotFn};
+use super::{CpuWeightData, OutPtr};
 
 /// Up to this many input rows the GEMV path runs: it reads each weight row once from memory in its
 /// stored dtype and reuses it for all input rows while it sits in L1.
@@ -17,22 +17,6 @@ const BLOCK_BYTES: usize = 384 * 1024;
 /// Output columns per rayon task in the GEMV path: large enough to amortize the task, small enough
 /// for load balance over 151 936 vocabulary rows.
 const GEMV_ROWS_PER_TASK: usize = 64;
-
-/// A raw output pointer shared by tasks that write disjoint columns.
-#[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-
-// SAFETY: every task writes a disjoint set of output elements, and the buffer outlives the scope.
-unsafe impl Send for OutPtr {}
-unsafe impl Sync for OutPtr {}
-
-impl OutPtr {
-    /// Pointer to element `offset`. A method, not the field, so that closures capture the whole
-    /// `Send` wrapper instead of the raw pointer inside it.
-    fn at(self, offset: usize) -> *mut f32 {
-        self.0.wrapping_add(offset)
-    }
-}
 
 /// Computes `x · wᵀ + bias` for `x` `[m, k]` and `w` `[n, k]`: returns `[m, n]`.
 pub(super) fn matmul(
@@ -72,7 +56,7 @@ pub(super) fn matmul(
 /// Few input rows: each task takes a run of weight rows and dots each with every input row.
 fn gemv<T: Sync>(x: &[f32], m: usize, k: usize, w: &[T], n: usize, dot: DotFn<T>) -> Vec<f32> {
     let mut out = vec![0.0f32; m * n];
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr::new(&mut out);
 
     (0..n.div_ceil(GEMV_ROWS_PER_TASK))
         .into_par_iter()
@@ -131,7 +115,7 @@ fn gemm_f32(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, threads: usize) 
 /// against the O(m·n·k) product, and no f32 copy of the whole weight is ever made.
 fn gemm_blocked(x: &[f32], m: usize, k: usize, w: &CpuWeightData, n: usize) -> Vec<f32> {
     let mut out = vec![0.0f32; m * n];
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    let out_ptr = OutPtr::new(&mut out);
     let block_rows = (BLOCK_BYTES / (4 * k)).clamp(16, 512) / 16 * 16;
     let block_rows = block_rows.min(
         n.div_ceil(2 * rayon::current_num_threads())
