@@ -1024,3 +1024,45 @@ fn result_closure_replaces_attn_out() {
     );
     assert_close("zeroed head result", &by_result.data, &by_z.data, 1e-4);
 }
+
+#[test]
+fn ablations_at_one_hook_apply_in_order() {
+    let model = cpu_model("tiny-gqa");
+    let tokens = TokenBatch::single(&ids(6, 23, model.config().d_vocab()));
+    let interventions = vec![
+        Intervention::zero_head(1, 0).with_scope(Scope::all().with_positions(vec![2])),
+        Intervention::zero_head(1, 3),
+        Intervention::mean_ablate_head(1, 0),
+    ];
+    let by_interventions = all_logits(&model, &tokens, Hooks::from_interventions(interventions));
+
+    // The mean of head 0 is taken after its position 2 was zeroed.
+    let by_closure = all_logits(
+        &model,
+        &tokens,
+        Hooks::new().with_closure(HookPoint::block(1, BlockHook::Z), |z, _| {
+            let (n_heads, d_head) = (z.shape[2], z.shape[3]);
+            let width = n_heads * d_head;
+            z.data[2 * width..2 * width + d_head].fill(0.0);
+            for row in z.data.chunks_mut(width) {
+                row[3 * d_head..4 * d_head].fill(0.0);
+            }
+            let rows = z.data.len() / width;
+            let mean: Vec<f32> = (0..d_head)
+                .map(|i| {
+                    let sum: f64 = (0..rows).map(|r| f64::from(z.data[r * width + i])).sum();
+                    (sum / rows as f64) as f32
+                })
+                .collect();
+            for row in z.data.chunks_mut(width) {
+                row[..d_head].copy_from_slice(&mean);
+            }
+        }),
+    );
+    assert_close(
+        "ordered ablations",
+        &by_interventions.data,
+        &by_closure.data,
+        1e-6,
+    );
+}

@@ -446,12 +446,9 @@ impl<'a> Pass<'a> {
             return Ok((x, false));
         }
 
-        let mut x = x;
-        let mut changed = false;
-        for intervention in hooks.interventions_at(point) {
-            x = self.intervene(point, intervention, &x)?;
-            changed = true;
-        }
+        let interventions: Vec<&Intervention> = hooks.interventions_at(point).collect();
+        let mut changed = !interventions.is_empty();
+        let mut x = self.intervene_all(point, &interventions, x)?;
 
         let tl_shape = self.tl_shape(point);
         let mut host: Option<HostTensor> = None;
@@ -750,147 +747,6 @@ impl<'a> Pass<'a> {
             self.padding.clone(),
             model.backend.clone(),
         )))
-    }
-
-    /// Applies one intervention at a per-position hook on the device.
-    fn intervene(
-        &self,
-        point: HookPoint,
-        intervention: &Intervention,
-        x: &Tensor,
-    ) -> Result<Tensor> {
-        let rows = self.rows();
-        let width = x.numel() / rows.max(1);
-        let config = &self.model.config;
-        let d_head = config.d_head();
-
-        match intervention {
-            Intervention::ZeroHeadZ { head, scope, .. }
-            | Intervention::ZeroKvHeadV {
-                kv_head: head,
-                scope,
-                ..
-            } => {
-                let mut mask = vec![0.0f32; rows * width];
-                for row in (0..rows).filter(|r| self.row_in_scope(scope, *r)) {
-                    mask[row * width + head * d_head..row * width + (head + 1) * d_head].fill(1.0);
-                }
-                self.select(&mask, x, &vec![0.0; rows * width])
-            }
-
-            Intervention::MeanAblateHeadZ { head, scope, .. } => {
-                let values = self.backend.read(x)?;
-                let columns = head * d_head..(head + 1) * d_head;
-                let mut mask = vec![0.0f32; rows * width];
-                let mut replacement = vec![0.0f32; rows * width];
-                for b in 0..self.batch {
-                    let item_rows: Vec<usize> = (b * self.q_len..(b + 1) * self.q_len)
-                        .filter(|r| !self.is_padding_row(*r))
-                        .collect();
-                    let mut mean = vec![0.0f64; d_head];
-                    for row in &item_rows {
-                        let slice = &values[row * width + columns.start..row * width + columns.end];
-                        mean.iter_mut()
-                            .zip(slice)
-                            .for_each(|(m, v)| *m += f64::from(*v));
-                    }
-                    let count = item_rows.len().max(1) as f64;
-                    for row in item_rows.iter().filter(|r| self.row_in_scope(scope, **r)) {
-                        let offset = row * width + columns.start;
-                        mask[offset..offset + d_head].fill(1.0);
-                        for (target, m) in
-                            replacement[offset..offset + d_head].iter_mut().zip(&mean)
-                        {
-                            *target = (m / count) as f32;
-                        }
-                    }
-                }
-                self.select(&mask, x, &replacement)
-            }
-
-            Intervention::AddToHook { vector, scope, .. } => {
-                let mut delta = vec![0.0f32; rows * width];
-                for row in (0..rows).filter(|r| self.row_in_scope(scope, *r)) {
-                    delta[row * width..(row + 1) * width].copy_from_slice(vector);
-                }
-                let delta = self.backend.upload(&delta, x.shape())?;
-                Ok(self.backend.add(x, &delta)?)
-            }
-
-            Intervention::PatchFromCache {
-                source,
-                heads,
-                scope,
-                ..
-            } => {
-                let (mask, replacement) =
-                    self.patch_rows(point, source, heads.as_deref(), scope)?;
-                self.select(&mask, x, &replacement)
-            }
-
-            Intervention::ReplacePattern { .. } => Err(ModelError::InvalidArgument(format!(
-                "pattern replacement reached `{point}`; it acts only at hook_pattern"
-            ))),
-        }
-    }
-
-    /// Mask and replacement values that copy `source` (TransformerLens shape `[batch or 1, pos ≥
-    /// kv_len, ...]`) into the in-scope rows of a per-position activation.
-    fn patch_rows(
-        &self,
-        point: HookPoint,
-        source: &HostTensor,
-        heads: Option<&[usize]>,
-        scope: &crate::Scope,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let tl_shape = self.tl_shape(point);
-        let inner = &tl_shape[2..];
-        let width: usize = inner.iter().product();
-        let shape_error = || ModelError::ShapeMismatch {
-            what: format!(
-                "patch source for `{point}` (batch {} or 1, at least {} positions)",
-                self.batch,
-                self.kv_len()
-            ),
-            expected: [vec![self.batch, self.kv_len()], inner.to_vec()].concat(),
-            found: source.shape.clone(),
-        };
-        if source.shape.len() != tl_shape.len()
-            || &source.shape[2..] != inner
-            || (source.shape[0] != self.batch && source.shape[0] != 1)
-            || source.shape[1] < self.kv_len()
-        {
-            return Err(shape_error());
-        }
-
-        let source_pos = source.shape[1];
-        let rows = self.rows();
-        let mut mask = vec![0.0f32; rows * width];
-        let mut replacement = vec![0.0f32; rows * width];
-        let head_width = if heads.is_some() { inner[1] } else { width };
-        for row in (0..rows).filter(|r| self.row_in_scope(scope, *r)) {
-            let (b, i) = (row / self.q_len, row % self.q_len);
-            let source_b = if source.shape[0] == 1 { 0 } else { b };
-            let from = (source_b * source_pos + self.first + i) * width;
-            let to = row * width;
-            let blocks: Vec<usize> = match heads {
-                Some(heads) => heads.to_vec(),
-                None => vec![0],
-            };
-            for block in blocks {
-                let range = block * head_width..(block + 1) * head_width;
-                mask[to + range.start..to + range.end].fill(1.0);
-                replacement[to + range.start..to + range.end]
-                    .copy_from_slice(&source.data[from + range.start..from + range.end]);
-            }
-        }
-        Ok((mask, replacement))
-    }
-
-    fn select(&self, mask: &[f32], x: &Tensor, replacement: &[f32]) -> Result<Tensor> {
-        let mask = self.backend.upload(mask, x.shape())?;
-        let replacement = self.backend.upload(replacement, x.shape())?;
-        Ok(self.backend.select(&mask, x, &replacement)?)
     }
 }
 

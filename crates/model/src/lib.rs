@@ -12,6 +12,7 @@ mod error;
 mod forward;
 mod generate;
 mod hooks;
+mod intervene;
 mod interventions;
 mod limits;
 mod logits;
