@@ -19,3 +19,15 @@ pub use error::{Result, WeightsError};
 pub use safetensors::{MAX_HEADER_BYTES, TensorView};
 pub use source::{HubSettings, ModelSource};
 pub use tokenizer::Tokenizer;
+
+#[cfg(test)]
+mod tests {
+    /// The model shares a checkpoint and a tokenizer across threads (for example behind an `Arc`).
+    #[test]
+    fn public_types_are_send_and_sync() {
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<crate::Checkpoint>();
+        assert_send_sync::<crate::Tokenizer>();
+        assert_send_sync::<crate::WeightsError>();
+    }
+}
