@@ -147,6 +147,7 @@ impl GpuBackend {
     fn warm_up(&self) -> Result<()> {
         let x = self.upload(&[0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.0, 1.0], &[2, 4])?;
         let x_row = self.upload(&[0.5, -1.0, 2.0, 0.25], &[1, 4])?;
+        let x_row8 = self.upload(&[0.5; 8], &[1, 8])?;
         let f32_bytes: Vec<u8> = (0..8)
             .flat_map(|i| (i as f32 * 0.1).to_le_bytes())
             .collect();
@@ -165,6 +166,10 @@ impl GpuBackend {
             self.embedding(&w, &[1, 0])?;
             self.matmul(&x, &w, Some(&bias))?;
             self.matmul(&x_row, &w, None)?;
+            // Rows of 8 elements start on 16-byte boundaries in every dtype, which selects the
+            // vectorized GEMV where the adapter uses it.
+            let w8 = self.upload_weight(dtype, &[1, 8], bytes)?;
+            self.matmul(&x_row8, &w8, None)?;
             self.mul_weight(&x, &v)?;
         }
 

@@ -122,6 +122,12 @@ impl GpuBackend {
         // favour a workgroup cooperating on each output element.
         let use_gemv = m <= self.gemv_max_rows;
         let (pipelines, block) = match (use_gemv, self.matmul_kernel) {
+            // 16-byte weight loads need every weight row to start on a 16-byte boundary.
+            (true, MatmulKernel::RegisterBlocked)
+                if (k * w.dtype().size_in_bytes()).is_multiple_of(16) =>
+            {
+                (&self.pipelines.gemv_vec4, 64)
+            }
             (true, MatmulKernel::RegisterBlocked) => (&self.pipelines.gemv, 64),
             (true, MatmulKernel::Tiled) => (&self.pipelines.gemv_coop, 1),
             (false, MatmulKernel::RegisterBlocked) => (&self.pipelines.matmul_reg4x4, 32),
