@@ -316,3 +316,109 @@ fn cache_regex_matching_nothing_lists_names() {
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Returns the stand-in checkpoint folder: `$QWENLENS_STANDIN`, or the default output of
+/// `fetch-standin`.
+fn standin_dir() -> PathBuf {
+    match std::env::var_os("QWENLENS_STANDIN") {
+        Some(dir) => PathBuf::from(dir),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+            .join(".cache/qwenlens/qwen2.5-0.5b-instruct-standin"),
+    }
+}
+
+fn ids_of_json_line(stdout: &str) -> Vec<i64> {
+    let json_line = stdout.trim_end().lines().last().expect("a JSON line");
+    let json: serde_json::Value = serde_json::from_str(json_line).expect("JSON on the last line");
+    serde_json::from_value(json["ids"].clone()).unwrap()
+}
+
+#[test]
+fn generate_seeded_sampling_is_reproducible() {
+    let model = tiny_gqa();
+    let run = |seed: &str| {
+        let output = qwenlens(&[
+            "generate",
+            "--model",
+            &model,
+            "--device",
+            "cpu",
+            "--prompt",
+            LEN7_TEXT,
+            "--temperature",
+            "1.5",
+            "--top-k",
+            "0",
+            "--top-p",
+            "1",
+            "--seed",
+            seed,
+            "--max-new-tokens",
+            "8",
+            "--ignore-eos",
+            "--json",
+        ]);
+        assert!(output.status.success(), "{}", stderr(&output));
+        ids_of_json_line(&stdout(&output))
+    };
+
+    let first = run("11");
+
+    assert_eq!(first.len(), 8);
+    assert_eq!(run("11"), first);
+}
+
+#[test]
+fn generate_chat_on_standin_answers_paris() {
+    let chat = fixtures_dir().join("standin/france.json");
+    let model = standin_dir().display().to_string();
+    let output = qwenlens(&[
+        "generate",
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--chat",
+        chat.to_str().unwrap(),
+        "--greedy",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+
+    let stdout = stdout(&output);
+    assert_eq!(ids_of_json_line(&stdout), [59_604, 151_645]);
+    assert!(stdout.starts_with("Paris\n"), "{stdout}");
+}
+
+#[test]
+fn generate_hub_id_offline_uses_cache() {
+    let hf_home =
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/qwenlens/hf-home");
+    let chat = fixtures_dir().join("standin/france.json");
+    let output = Command::new(env!("CARGO_BIN_EXE_qwenlens"))
+        .args([
+            "generate",
+            "--model",
+            "Qwen/Qwen2.5-0.5B-Instruct",
+            "--device",
+            "cpu",
+        ])
+        .args([
+            "--chat",
+            chat.to_str().unwrap(),
+            "--greedy",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ])
+        .env("HF_HOME", &hf_home)
+        .env("HF_HUB_OFFLINE", "1")
+        .env_remove("HF_HUB_CACHE")
+        .output()
+        .expect("running qwenlens");
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(ids_of_json_line(&stdout(&output)), [59_604, 151_645]);
+}
