@@ -1,4 +1,5 @@
-//! The `qwenlens generate` and `qwenlens cache` commands run as a binary on the tiny-gqa fixture.
+//! The `qwenlens generate` and `qwenlens cache` commands run as a binary on the tiny-gqa fixture
+//! and the stand-in checkpoint.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
