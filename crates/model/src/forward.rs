@@ -110,25 +110,7 @@ pub(crate) fn run(
     let q_len = tokens.seq_len();
 
     tokens.validate(config.d_vocab(), first, config.max_position_embeddings)?;
-    let padding = match &kv {
-        Some(cache) if !cache.is_empty() => {
-            if tokens.batch() != cache.batch {
-                return Err(ModelError::InvalidArgument(format!(
-                    "the KV cache holds {} batch items but the new tokens have {}",
-                    cache.batch,
-                    tokens.batch()
-                )));
-            }
-            if tokens.padding().iter().any(|p| *p > 0) {
-                return Err(ModelError::InvalidArgument(
-                    "tokens appended to a KV cache cannot have padding; pad only the prompt"
-                        .to_string(),
-                ));
-            }
-            cache.padding.clone()
-        }
-        _ => tokens.padding().to_vec(),
-    };
+    let padding = step_padding(kv.as_deref(), tokens)?;
     validate_options(model, options, tokens.batch(), kv.is_some())?;
 
     let with_result = (0..n_layers).any(|layer| needs_result(options, layer));
@@ -199,6 +181,27 @@ pub(crate) fn run(
         cache: pass.cache,
         resid: None,
     })
+}
+
+/// Returns each batch item's padding for a pass: the tokens' own for a full forward or a KV
+/// cache's first step, else the cache's (new tokens appended to a cache have no padding).
+fn step_padding(kv: Option<&KvCache>, tokens: &TokenBatch) -> Result<Vec<usize>> {
+    let Some(cache) = kv.filter(|cache| !cache.is_empty()) else {
+        return Ok(tokens.padding().to_vec());
+    };
+    if tokens.batch() != cache.batch {
+        return Err(ModelError::InvalidArgument(format!(
+            "the KV cache contains {} batch items but the new tokens have {}",
+            cache.batch,
+            tokens.batch()
+        )));
+    }
+    if tokens.padding().iter().any(|p| *p > 0) {
+        return Err(ModelError::InvalidArgument(
+            "tokens appended to a KV cache cannot have padding; pad only the prompt".to_string(),
+        ));
+    }
+    Ok(cache.padding.clone())
 }
 
 fn needs_result(options: &RunOptions, layer: usize) -> bool {
@@ -452,22 +455,15 @@ impl<'a> Pass<'a> {
 
         let tl_shape = self.tl_shape(point);
         let mut host: Option<HostTensor> = None;
-        let closures: Vec<_> = hooks.closures_at(point).cloned().collect();
-        if !closures.is_empty() {
-            let original = self.backend.read(&x)?;
+        if hooks.closures_at(point).next().is_some() {
             let mut tensor = HostTensor {
                 shape: tl_shape.clone(),
-                data: original.clone(),
+                data: self.backend.read(&x)?,
             };
-            let context = self.context(point);
-            for closure in &closures {
-                closure(&mut tensor, &context);
-                check_replacement(point, &tl_shape, &tensor)?;
-            }
 
             // Upload only a real change, so a closure that returns its input leaves every later
             // activation bit-identical.
-            if !bit_equal(&tensor.data, &original) {
+            if self.run_closures(point, &mut tensor)? {
                 x = self.backend.upload(&tensor.data, x.shape())?;
                 changed = true;
             }
