@@ -120,3 +120,21 @@ fn named_adapter_is_opened() {
     assert_eq!(backend.adapter_info().name, info.name);
     assert_eq!(backend.adapter_info().backend, info.backend);
 }
+
+#[test]
+fn native_api_preferred_over_gl() {
+    let found = adapters();
+    let has_native = found.iter().any(|info| info.backend != wgpu::Backend::Gl);
+    let options = GpuOptions {
+        warm_up: false,
+        ..GpuOptions::default()
+    };
+    let backend = GpuBackend::new(options).expect("a GPU adapter (install mesa-vulkan-drivers)");
+    if has_native {
+        assert_ne!(
+            backend.adapter_info().backend,
+            wgpu::Backend::Gl,
+            "found adapters: {found:?}"
+        );
+    }
+}

@@ -57,16 +57,24 @@ pub(super) fn open(options: &GpuOptions) -> Result<Opened> {
         .or_else(|| std::env::var("WGPU_ADAPTER_NAME").ok())
         .map(|name| name.to_lowercase());
 
+    // Among equal ranks the first enumerated adapter wins, and GL loses to the native APIs because it
+    // lacks f16 and subgroups and compiles shaders slowly.
     let best = adapters
         .into_iter()
-        .filter(|adapter| {
+        .enumerate()
+        .filter(|(_, adapter)| {
             let info = adapter.get_info();
             let name_matches = wanted_name
                 .as_ref()
                 .is_none_or(|name| info.name.to_lowercase().contains(name));
             name_matches && (!options.hardware_only || adapter_is_hardware(info.device_type))
         })
-        .max_by_key(|adapter| rank(adapter.get_info().device_type));
+        .max_by_key(|(index, adapter)| {
+            let info = adapter.get_info();
+            let native = info.backend != wgpu::Backend::Gl;
+            (rank(info.device_type), native, std::cmp::Reverse(*index))
+        })
+        .map(|(_, adapter)| adapter);
 
     let Some(adapter) = best else {
         let mut wanted = Vec::new();
