@@ -1066,3 +1066,60 @@ fn ablations_at_one_hook_apply_in_order() {
         1e-6,
     );
 }
+
+#[test]
+fn custom_and_fixed_patterns_match_builtin() {
+    let model = cpu_model("tiny-mha-f16");
+    let tokens = TokenBatch::single(&ids(8, 24, 1000));
+    let with_pattern = |spec: PatternSpec| {
+        all_logits(
+            &model,
+            &tokens,
+            Hooks::from_interventions(vec![Intervention::replace_pattern(1, 3, spec)]),
+        )
+    };
+    let uniform = with_pattern(PatternSpec::Uniform);
+
+    let custom = with_pattern(PatternSpec::Custom(Arc::new(|query, key_len| {
+        (0..key_len)
+            .map(|key| {
+                if key <= query {
+                    1.0 / (query + 1) as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    })));
+    assert_eq!(
+        bits(&custom.data),
+        bits(&uniform.data),
+        "custom uniform rows"
+    );
+
+    // A table larger than the prompt is cut to the current length.
+    let size = 12;
+    let mut table = HostTensor::zeros(vec![size, size]);
+    for query in 0..size {
+        for key in 0..=query {
+            table.data[query * size + key] = 1.0 / (query + 1) as f32;
+        }
+    }
+    let fixed = with_pattern(PatternSpec::Fixed(table));
+    assert_eq!(
+        bits(&fixed.data),
+        bits(&uniform.data),
+        "fixed uniform table"
+    );
+
+    // Position(0) is the first-token pattern; Position(p) before position p attends to itself.
+    assert_eq!(
+        bits(&with_pattern(PatternSpec::Position(0)).data),
+        bits(&with_pattern(PatternSpec::FirstToken).data)
+    );
+    assert_eq!(
+        bits(&with_pattern(PatternSpec::Position(100)).data),
+        bits(&with_pattern(PatternSpec::SelfToken).data)
+    );
+    assert!(max_abs_diff(&with_pattern(PatternSpec::Position(3)).data, &uniform.data) > 1e-4);
+}
