@@ -138,3 +138,15 @@ fn native_api_preferred_over_gl() {
         );
     }
 }
+
+#[test]
+fn tiny_binding_limit_is_rejected() {
+    let options = GpuOptions {
+        max_binding_bytes: Some(8),
+        warm_up: false,
+        ..GpuOptions::default()
+    };
+    let err = GpuBackend::new(options).unwrap_err();
+    assert!(matches!(err, KernelError::Gpu(_)), "{err}");
+    assert!(err.to_string().contains("max_binding_bytes 8"), "{err}");
+}
