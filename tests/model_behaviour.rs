@@ -1123,3 +1123,49 @@ fn custom_and_fixed_patterns_match_builtin() {
     );
     assert!(max_abs_diff(&with_pattern(PatternSpec::Position(3)).data, &uniform.data) > 1e-4);
 }
+
+#[test]
+fn patched_scores_give_source_pattern() {
+    let model = cpu_model("tiny-gqa");
+    let d_vocab = model.config().d_vocab();
+    let source_tokens = TokenBatch::single(&ids(7, 25, d_vocab));
+    let target_tokens = TokenBatch::single(&ids(7, 26, d_vocab));
+    let scores = HookPoint::block(0, BlockHook::AttnScores);
+    let pattern = HookPoint::block(0, BlockHook::Pattern);
+    let (_, source) = model
+        .run_with_cache(&source_tokens, HookFilter::points([scores, pattern]))
+        .unwrap();
+
+    let options = RunOptions {
+        hooks: Hooks::from_interventions(vec![
+            Intervention::patch_from_cache(&source, scores, Some(vec![1])).unwrap(),
+        ]),
+        cache: HookFilter::points([pattern]),
+        ..RunOptions::default()
+    };
+    let patched = model.run(&target_tokens, &options).unwrap().cache;
+    let (_, clean) = model
+        .run_with_cache(&target_tokens, HookFilter::points([pattern]))
+        .unwrap();
+
+    let block = 7 * 7;
+    let patched = &patched.get_point(pattern).unwrap().data;
+    let source_pattern = &source.get_point(pattern).unwrap().data;
+    let clean = &clean.get_point(pattern).unwrap().data;
+    assert_close(
+        "patched head",
+        &patched[block..2 * block],
+        &source_pattern[block..2 * block],
+        1e-6,
+    );
+    assert_eq!(
+        bits(&patched[..block]),
+        bits(&clean[..block]),
+        "head 0 untouched"
+    );
+    assert_eq!(
+        bits(&patched[2 * block..]),
+        bits(&clean[2 * block..]),
+        "heads 2 and 3 untouched"
+    );
+}
