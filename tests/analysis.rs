@@ -37,7 +37,7 @@ fn cpu() -> Arc<dyn Backend> {
     Arc::new(CpuBackend::new())
 }
 
-/// The GPU backend, or `None` (with a message) when this machine has no adapter at all.
+/// Creates the GPU backend, or returns `None` with a message when this machine has no adapter.
 fn gpu() -> Option<Arc<dyn Backend>> {
     match create_backend(Device::Gpu) {
         Ok(backend) => Some(backend),
@@ -109,7 +109,7 @@ fn options(mode: AblationMode, level: AblationLevel) -> SweepOptions {
     }
 }
 
-/// Every ablation and pattern golden of every model and case on one backend.
+/// Checks every ablation and pattern golden of every model and case on one backend.
 fn check_goldens(backend: Arc<dyn Backend>) {
     for name in MODELS {
         let model = load_model(name, backend.clone());

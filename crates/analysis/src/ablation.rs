@@ -6,10 +6,10 @@
 //! (`n_heads / n_kv_heads` of them, 7 in Qwen2.5-0.5B), and is the same as zeroing all their `z`
 //! at once, because `z = pattern · v` and the pattern does not read `v`.
 //!
-//! The fast sweep relies on ablations in layer `l` leaving layers `0..l` untouched: it runs layers
-//! `l..n_layers` only, starting from the clean run's `hook_resid_pre` of layer `l`, and ablates
-//! several heads per pass, one per copy of the prompt in a batch (copy `i` ablates head `i` through
-//! an intervention scoped to batch item `i`).
+//! The fast sweep relies on ablations in layer `l` leaving layers `0..l` untouched. It runs layers
+//! `l..n_layers` only, starting from the clean run's `hook_resid_pre` of layer `l`. It also ablates
+//! several heads per pass, one per copy of the prompt in a batch: copy `i` ablates head `i` through
+//! an intervention scoped to batch item `i`.
 
 use std::sync::Arc;
 
@@ -31,7 +31,7 @@ use crate::render::{ColorScale, Heatmap};
 /// software Vulkan (lavapipe), the smallest limit among the supported backends.
 pub const DEFAULT_PASS_BUDGET_BYTES: u64 = 96 << 20;
 
-/// What replaces the ablated activation.
+/// Replacement of the ablated activation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AblationMode {
@@ -41,7 +41,7 @@ pub enum AblationMode {
     Mean,
 }
 
-/// What one ablation silences.
+/// Unit that one ablation silences.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum AblationLevel {
@@ -51,7 +51,7 @@ pub enum AblationLevel {
     KvGroup,
 }
 
-/// How the sweep runs.
+/// Execution strategy of a sweep.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum SweepStrategy {
@@ -132,7 +132,7 @@ pub struct SweepProgress {
     pub total: usize,
 }
 
-/// The intervention that ablates `head` (a query head or a KV head, by `level`) of `layer`.
+/// Builds the intervention that ablates `head` (a query head or a KV head, by `level`) of `layer`.
 ///
 /// Mean ablation of a KV group replaces its `hook_v` by the clean mean over positions, which
 /// `clean_v` (the clean run's `blocks.{layer}.attn.hook_v`, `[1, n, n_kv_heads, d_head]`) provides.
@@ -338,7 +338,7 @@ pub fn unit_name(level: AblationLevel, layer: usize, head: usize) -> String {
     }
 }
 
-/// What the sweep keeps from the clean run.
+/// Values the sweep keeps from the clean run.
 struct CleanRun {
     loss: f32,
     last_logits: Vec<f32>,
@@ -402,7 +402,7 @@ fn clean_run(
     })
 }
 
-/// The loss reads the logits at every position; the other metrics read the last position only.
+/// Picks the logit rows a metric reads: every position for the loss, else the last one.
 fn logit_rows(metric: Metric) -> LogitRows {
     match metric {
         Metric::Loss => LogitRows::All,
@@ -467,7 +467,8 @@ fn fast_pass_with_retry(
     }
 }
 
-/// One batched pass over layers `layer..n_layers`: copy `i` of the prompt ablates `heads[i]`.
+/// Runs one batched pass over layers `layer..n_layers`, in which copy `i` of the prompt ablates
+/// `heads[i]`.
 fn fast_pass(
     model: &Model,
     tokens: &[u32],
@@ -530,15 +531,16 @@ fn fast_pass(
         .collect())
 }
 
-/// The number of prompt copies per sweep pass that keeps the largest buffer of the pass (logits,
+/// Returns the number of prompt copies per sweep pass that keeps the largest buffer of the pass (logits,
 /// attention scores or MLP activations) under [`DEFAULT_PASS_BUDGET_BYTES`].
 pub fn auto_batch_size(model: &Model, n_tokens: usize, metric: Metric) -> usize {
     let logit_rows = if metric == Metric::Loss { n_tokens } else { 1 };
     copies_per_pass(model, n_tokens, logit_rows)
 }
 
-/// The number of copies of an `n_tokens` prompt per pass, each with `logit_rows` rows of logits,
-/// that keeps the largest buffer under [`DEFAULT_PASS_BUDGET_BYTES`]; between 1 and 64.
+/// Returns the number of copies of an `n_tokens` prompt per pass, each with `logit_rows` rows of
+/// logits, that keeps the largest buffer under [`DEFAULT_PASS_BUDGET_BYTES`]. The result is
+/// between 1 and 64.
 pub fn copies_per_pass(model: &Model, n_tokens: usize, logit_rows: usize) -> usize {
     let config = model.config();
     let n = n_tokens as u64;

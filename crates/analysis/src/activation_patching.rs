@@ -1,6 +1,6 @@
-//! Activation patching between a clean and a corrupted prompt of equal token length: copy one
-//! clean activation (one layer and position, or one layer and head) into the corrupted run and
-//! measure how much of the clean logit difference comes back.
+//! Activation patching between a clean and a corrupted prompt of equal token length. Each patch
+//! copies one clean activation (one layer and position, or one layer and head) into the corrupted
+//! run, and its score measures how much of the clean logit difference comes back.
 //!
 //! The score is `(patched − corrupted) / (clean − corrupted)` on the logit difference
 //! `logits[answer] − logits[wrong]` at the last position: 1 when the patch restores the clean
@@ -22,7 +22,7 @@ use crate::output::{write_json, write_png};
 use crate::render::{ColorScale, Heatmap};
 use crate::tokens::{DEFAULT_LABEL_WIDTH, position_labels};
 
-/// Which activation is patched.
+/// Activation that a patch copies from the clean run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum PatchTarget {
@@ -261,8 +261,8 @@ pub fn activation_patching(
     })
 }
 
-/// Runs one batch of patched corrupted runs, splitting it when the model reports that it does not
-/// fit on the device; returns each run's logit difference.
+/// Runs one batch of patched corrupted runs and returns each run's logit difference. A batch that
+/// the model reports as too large for the device is split in two.
 fn patched_pass(
     model: &Model,
     corrupted: &[u32],

@@ -1,17 +1,19 @@
 //! Statistics of attention patterns, per layer and query head, and labels for the clear cases.
 //!
 //! A pattern is one head's `[n, n]` matrix for a single unpadded sequence (row = query position,
-//! column = key position, causal). Query row 0 sees only key 0, so every score that measures a
-//! choice among keys averages over rows `1..n` and the prompt needs at least two tokens.
+//! column = key position, causal). Query row 0 has a single visible key, so every score that
+//! measures a choice among keys averages over rows `1..n`, and the prompt needs at least two tokens.
 //!
 //! Labels use these thresholds, chosen so that a label means the behaviour dominates the head:
 //! - previous-token head: mean weight on key `i − 1` at least [`PREVIOUS_TOKEN_THRESHOLD`];
+//! - self head: mean weight on the query's own position at least [`SELF_THRESHOLD`];
 //! - sink head: mean weight on key 0 at least [`SINK_THRESHOLD`];
 //! - induction candidate: induction score at least [`INDUCTION_THRESHOLD`], measured on at least
 //!   [`MIN_INDUCTION_POSITIONS`] repeated positions.
 //!
-//! When several apply, induction wins over previous-token, which wins over sink, because a head
-//! that parks its spare attention on the first token can still do its real work elsewhere.
+//! When several apply, the first in this order wins: induction, previous-token, self, sink. Sink
+//! comes last because a head that parks its spare attention on the first token can still do its
+//! real work elsewhere.
 
 use serde::Serialize;
 
@@ -19,6 +21,9 @@ use crate::error::{AnalysisError, Result};
 
 /// Minimum mean weight on the previous token for the previous-token label.
 pub const PREVIOUS_TOKEN_THRESHOLD: f32 = 0.5;
+
+/// Minimum mean weight on the query's own position for the self label.
+pub const SELF_THRESHOLD: f32 = 0.5;
 
 /// Minimum mean weight on the first token for the sink label.
 pub const SINK_THRESHOLD: f32 = 0.5;
@@ -29,12 +34,15 @@ pub const INDUCTION_THRESHOLD: f32 = 0.4;
 /// Fewest repeated positions over which an induction score is trusted for a label.
 pub const MIN_INDUCTION_POSITIONS: usize = 4;
 
-/// What a head clearly does, if anything.
+/// Behaviour that clearly dominates a head.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum HeadLabel {
     /// Attends mostly to the previous token.
     PreviousToken,
+    /// Attends mostly to its own position.
+    #[serde(rename = "self")]
+    SelfToken,
     /// Attends mostly to the first token (an attention sink).
     Sink,
     /// Attends from a repeated token to the token after its earlier occurrence.
@@ -42,10 +50,11 @@ pub enum HeadLabel {
 }
 
 impl HeadLabel {
-    /// The label as written in JSON and on pictures.
+    /// Returns the label as written in JSON and on pictures.
     pub fn name(self) -> &'static str {
         match self {
             HeadLabel::PreviousToken => "previous-token",
+            HeadLabel::SelfToken => "self",
             HeadLabel::Sink => "sink",
             HeadLabel::InductionCandidate => "induction-candidate",
         }
@@ -79,9 +88,10 @@ pub struct HeadStats {
     pub label: Option<HeadLabel>,
 }
 
-/// The `(query, key)` pairs that an induction head attends along: for each position `i` whose token
-/// occurred before, the key after that token's most recent earlier occurrence `j`, as long as that
-/// key `j + 1` is not `i` itself (a token repeated right away gives no information).
+/// Lists the `(query, key)` pairs that an induction head attends along. Each position `i` whose
+/// token occurred before is paired with key `j + 1`, `j` being that token's most recent earlier
+/// occurrence. Pairs with `j + 1 = i` are skipped, because a token repeated right away gives no
+/// information.
 ///
 /// For a random sequence repeated twice, these are exactly the second copy's positions, each paired
 /// with the position one after its twin in the first copy.
@@ -186,6 +196,8 @@ fn classify(stats: &HeadStats, induction_positions: usize) -> Option<HeadLabel> 
         Some(HeadLabel::InductionCandidate)
     } else if stats.previous_token_score >= PREVIOUS_TOKEN_THRESHOLD {
         Some(HeadLabel::PreviousToken)
+    } else if stats.self_score >= SELF_THRESHOLD {
+        Some(HeadLabel::SelfToken)
     } else if stats.sink_score >= SINK_THRESHOLD {
         Some(HeadLabel::Sink)
     } else {
@@ -293,6 +305,23 @@ mod tests {
         assert_eq!(stats.self_score, 0.0);
         assert!((stats.mean_distance - 2.5).abs() < 1e-6);
         assert_eq!(stats.label, Some(HeadLabel::Sink));
+    }
+
+    #[test]
+    fn self_pattern_is_labelled() {
+        let tokens: Vec<u32> = (0..5).collect();
+        let pattern = pattern_from(5, |i| {
+            let mut row = vec![0.0; i + 1];
+            row[i] = 1.0;
+            row
+        });
+
+        let stats = head_stats(0, 0, &pattern, &tokens).unwrap();
+
+        assert_eq!(stats.self_score, 1.0);
+        assert_eq!(stats.label, Some(HeadLabel::SelfToken));
+        assert_eq!(stats.label.unwrap().name(), "self");
+        assert_eq!(serde_json::to_value(stats.label).unwrap(), "self");
     }
 
     #[test]

@@ -221,6 +221,7 @@ impl AttentionReport {
         #[derive(Serialize)]
         struct Thresholds {
             previous_token: f32,
+            self_token: f32,
             sink: f32,
             induction: f32,
             min_induction_positions: usize,
@@ -231,6 +232,7 @@ impl AttentionReport {
             token_texts: &self.token_texts,
             thresholds: Thresholds {
                 previous_token: crate::attention::PREVIOUS_TOKEN_THRESHOLD,
+                self_token: crate::attention::SELF_THRESHOLD,
                 sink: crate::attention::SINK_THRESHOLD,
                 induction: crate::attention::INDUCTION_THRESHOLD,
                 min_induction_positions: crate::attention::MIN_INDUCTION_POSITIONS,

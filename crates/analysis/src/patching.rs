@@ -108,7 +108,7 @@ impl PatchOutcome {
     }
 }
 
-/// The interventions that give each `(layer, head)` the pattern `spec`.
+/// Builds the interventions that give each `(layer, head)` the pattern `spec`.
 pub fn pattern_hooks(heads: &[(usize, usize)], spec: &PatternSpec) -> Hooks {
     Hooks::from_interventions(
         heads

@@ -1,6 +1,6 @@
 //! Replacement attention patterns read from `.npy` or `.safetensors` files.
 //!
-//! The file holds one `[k, k]` array (f32, or f64 converted to f32) whose row `i` is the pattern of
+//! The file contains one `[k, k]` array (f32, or f64 converted to f32) whose row `i` is the pattern of
 //! query position `i`. `k` must cover the longest sequence the pattern will see (prompt plus
 //! generated tokens). For a sequence of length `n` the model uses the top-left `[n, n]` block, and the
 //! rows are used as given, not renormalized, so a row that does not sum to 1 scales that head's `z`.
@@ -11,7 +11,7 @@ use qwenlens_model::HostTensor;
 
 use crate::error::{AnalysisError, Result};
 
-/// Name of the tensor read from a safetensors file that holds more than one.
+/// Name of the tensor read from a safetensors file that contains more than one.
 pub const SAFETENSORS_PATTERN_NAME: &str = "pattern";
 
 /// Reads a `[k, k]` pattern array from a `.npy` or `.safetensors` file and checks that

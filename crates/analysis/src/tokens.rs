@@ -43,8 +43,8 @@ pub fn position_labels(texts: &[String], max_chars: usize) -> Vec<String> {
         .collect()
 }
 
-/// Resolves a token given on the command line: a number is a token id; other text is a
-/// vocabulary string (`Ġthe`, `<|im_end|>`) or text that encodes to exactly one token (` the`).
+/// Resolves a token given on the command line. A number is a token id. Other text is a vocabulary
+/// string (`Ġthe`, `<|im_end|>`) or text that encodes to exactly one token (` the`).
 pub fn resolve_token(text: &str, tokenizer: Option<&Tokenizer>, d_vocab: usize) -> Result<u32> {
     if let Ok(id) = text.parse::<u32>() {
         if id as usize >= d_vocab {

@@ -62,7 +62,7 @@ fn assert_failure_mentions(output: &Output, needles: &[&str]) {
     }
 }
 
-/// A fresh folder under the system temporary folder, unique to this process and test.
+/// Creates a fresh folder under the system temporary folder, unique to this process and test.
 fn temp_folder(test: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!(
         "qwenlens-cli-analysis-{}-{test}",
@@ -207,7 +207,7 @@ fn ablate_writes_table_json_and_heatmap() {
 }
 
 #[test]
-fn ablate_kv_group_has_one_row_per_kv_head() {
+fn ablate_kv_group_rows() {
     let out = temp_folder("ablate-kv");
 
     let output = qwenlens(
@@ -307,6 +307,120 @@ fn patch_reports_loss_and_continuations() {
         4
     );
     assert!(stdout(&output).contains("patched continuation"));
+}
+
+/// Writes a `[k, k]` float32 array as a version 1.0 `.npy` file.
+fn write_npy(path: &Path, k: usize, values: &[f32]) {
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({k}, {k}), }}");
+    // The magic string, version and length take 10 bytes; the header ends in a newline and pads the
+    // whole preamble to a multiple of 64 bytes.
+    while (10 + header.len() + 1) % 64 != 0 {
+        header.push(' ');
+    }
+    header.push('\n');
+
+    let mut bytes = b"\x93NUMPY\x01\x00".to_vec();
+    bytes.extend((header.len() as u16).to_le_bytes());
+    bytes.extend(header.as_bytes());
+    bytes.extend(values.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(path, bytes).unwrap();
+}
+
+#[test]
+fn patch_file_pattern_matches_builtin() {
+    let out = temp_folder("patch-npy");
+    let k = 12;
+    let identity: Vec<f32> = (0..k * k)
+        .map(|i| if i / k == i % k { 1.0 } else { 0.0 })
+        .collect();
+    let file = out.join("self.npy");
+    write_npy(&file, k, &identity);
+    let run = |pattern: &str, dir: &str| {
+        let dir = out.join(dir);
+        let args = [
+            "--prompt",
+            LEN7_TEXT,
+            "--layer",
+            "1",
+            "--head",
+            "2",
+            "--pattern",
+            pattern,
+            "--max-new-tokens",
+            "3",
+            "--greedy",
+        ];
+        let output = qwenlens(
+            "patch",
+            &[&args[..], &["--out", dir.to_str().unwrap()]].concat(),
+        );
+        assert_success(&output);
+        read_json(&dir.join("patch.json"))
+    };
+
+    let from_file = run(file.to_str().unwrap(), "file");
+    let builtin = run("self", "builtin");
+
+    assert_eq!(from_file["patched_loss"], builtin["patched_loss"]);
+    assert_eq!(
+        from_file["continuations"]["patched_ids"],
+        builtin["continuations"]["patched_ids"]
+    );
+    assert!(from_file["loss_delta"].as_f64().unwrap().abs() > 1e-4);
+}
+
+#[test]
+fn patch_rejects_too_small_pattern_file() {
+    let out = temp_folder("patch-small-npy");
+    let file = out.join("small.npy");
+    write_npy(&file, 2, &[1.0, 0.0, 0.0, 1.0]);
+
+    let output = qwenlens(
+        "patch",
+        &[
+            "--prompt",
+            LEN7_TEXT,
+            "--layer",
+            "0",
+            "--head",
+            "0",
+            "--pattern",
+            file.to_str().unwrap(),
+            "--max-new-tokens",
+            "3",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+
+    assert_failure_mentions(&output, &["small.npy", "[10, 10]"]);
+}
+
+#[test]
+fn attention_accepts_chat_file() {
+    let out = temp_folder("attention-chat");
+    let chat = out.join("chat.json");
+    std::fs::write(&chat, r#"[{"role": "user", "content": "Count to three."}]"#).unwrap();
+
+    let output = qwenlens(
+        "attention",
+        &[
+            "--chat",
+            chat.to_str().unwrap(),
+            "--out",
+            out.join("pictures").to_str().unwrap(),
+        ],
+    );
+
+    assert_success(&output);
+    let json = read_json(&out.join("pictures/attention.json"));
+    assert_eq!(
+        json["tokens"].as_array().unwrap().len(),
+        33,
+        "the chat template's 33 tokens"
+    );
+    assert_eq!(json["token_texts"][0], "<|im_start|>");
+    assert_png(&out.join("pictures/L0_grid.png"));
 }
 
 #[test]

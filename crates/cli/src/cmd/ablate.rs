@@ -65,7 +65,7 @@ pub struct Args {
     #[arg(long, value_name = "TOKEN")]
     pub distractor: Option<String>,
 
-    /// What replaces the ablated activation.
+    /// Replacement of the ablated activation.
     #[arg(long, value_enum, default_value = "zero")]
     pub mode: ModeArg,
 

@@ -28,10 +28,10 @@ pub struct Args {
     #[arg(long)]
     pub head: usize,
 
-    /// Replacement pattern: uniform (causal), previous (token i−1; position 0 attends to itself),
-    /// first (token 0), self, position:P (token P, or itself before P), or a .npy/.safetensors file
-    /// holding one [k, k] float32 array that covers the prompt and the new tokens (rows are used as
-    /// given, not renormalized).
+    /// Replacement pattern: uniform (causal), previous (token i−1, and position 0 attends to
+    /// itself), first (token 0), self, position:P (token P, or itself before P), or a .npy or
+    /// .safetensors file. The file contains one [k, k] float32 array that covers the prompt and the
+    /// new tokens, and its rows are used as given, not renormalized.
     #[arg(long, value_name = "PATTERN")]
     pub pattern: String,
 
