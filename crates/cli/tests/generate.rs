@@ -423,3 +423,51 @@ fn generate_hub_id_offline_uses_cache() {
     assert!(output.status.success(), "{}", stderr(&output));
     assert_eq!(ids_of_json_line(&stdout(&output)), [59_604, 151_645]);
 }
+
+#[test]
+fn generate_temperature_turns_sampling_on() {
+    // A copy of tiny-gqa whose generation_config.json asks for greedy decoding.
+    let dir = temp_folder("greedy-config");
+    let source = fixtures_dir().join("models/tiny-gqa");
+    for file in [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::os::unix::fs::symlink(source.join(file), dir.join(file)).unwrap();
+    }
+    std::fs::write(
+        dir.join("generation_config.json"),
+        r#"{"do_sample": false, "eos_token_id": [151645, 151643]}"#,
+    )
+    .unwrap();
+    let golden_path = fixtures_dir().join("goldens/tiny-gqa/len7.safetensors");
+    let golden = safetensors_i64(&golden_path, "generated_ids");
+
+    let model = dir.display().to_string();
+    let run = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            &model,
+            "--device",
+            "cpu",
+            "--prompt",
+            LEN7_TEXT,
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        let output = qwenlens(&args);
+        assert!(output.status.success(), "{}", stderr(&output));
+        ids_of_json_line(&stdout(&output))
+    };
+
+    // At temperature 50 the 12 draws are close to uniform over 151936 ids, so they cannot all
+    // land on the greedy tokens.
+    assert_eq!(run(&[]), golden);
+    assert_ne!(run(&["--temperature", "50", "--seed", "5"]), golden);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

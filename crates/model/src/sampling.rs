@@ -58,9 +58,11 @@ impl Sampling {
         }
     }
 
-    /// Checks that every option is in its valid range.
+    /// Checks that every option in use is in its valid range. Greedy decoding ignores temperature
+    /// and top-p (a `generation_config.json` with `do_sample: false` may set temperature 0), so
+    /// only sampling checks them.
     pub fn validate(&self) -> Result<()> {
-        if !(self.temperature.is_finite() && self.temperature > 0.0) {
+        if self.do_sample && !(self.temperature.is_finite() && self.temperature > 0.0) {
             return Err(invalid(
                 "temperature",
                 self.temperature.to_string(),
@@ -69,6 +71,7 @@ impl Sampling {
         }
 
         if let Some(top_p) = self.top_p
+            && self.do_sample
             && !(top_p > 0.0 && top_p <= 1.0)
         {
             return Err(invalid("top_p", top_p.to_string(), "a number in (0, 1]"));
@@ -558,5 +561,18 @@ mod tests {
             let error = Sampler::new(options.clone()).unwrap_err();
             assert!(error.to_string().contains(option), "{options:?}: {error}");
         }
+    }
+
+    #[test]
+    fn greedy_ignores_sampling_only_options() {
+        let options = Sampling {
+            temperature: 0.0,
+            top_p: Some(0.0),
+            ..sampling(false)
+        };
+
+        let mut sampler = Sampler::new(options).unwrap();
+
+        assert_eq!(sampler.next_token(&mut [1.0, 2.0], &[]).unwrap(), 1);
     }
 }

@@ -25,7 +25,8 @@ pub struct Args {
     #[arg(long)]
     pub greedy: bool,
 
-    /// Softmax temperature, a positive number [default: from generation_config.json, else 1.0].
+    /// Softmax temperature, a positive number. This option, --top-k and --top-p turn sampling on
+    /// [default: from generation_config.json, else 1.0].
     #[arg(long, value_name = "T", conflicts_with = "greedy")]
     pub temperature: Option<f32>,
 
@@ -115,6 +116,10 @@ fn sampling(args: &Args, defaults: Sampling) -> Sampling {
         defaults
     };
 
+    // A sampling option asks for sampling even where generation_config.json sets do_sample false.
+    if args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some() {
+        sampling.do_sample = true;
+    }
     if let Some(temperature) = args.temperature {
         sampling.temperature = temperature;
     }
