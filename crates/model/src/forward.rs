@@ -12,7 +12,7 @@ use crate::model::{Model, missing_logits};
 use crate::patterns;
 use crate::tokens::TokenBatch;
 
-/// What a run does besides the forward pass.
+/// Options of a run besides the forward pass itself.
 #[derive(Clone, Debug, Default)]
 pub struct RunOptions {
     /// Interventions and closures.
@@ -49,7 +49,7 @@ impl RunOutput {
 
 /// Keys and values of the tokens seen so far, for incremental forwards ([`Model::run_step`]).
 ///
-/// Each layer holds k (after RoPE) and v of shape `[batch * len, n_kv_heads, d_head]`, each batch
+/// Each layer contains k (after RoPE) and v of shape `[batch * len, n_kv_heads, d_head]`, each batch
 /// item's rows contiguous; `padding` is each item's number of left-padding tokens (its first
 /// visible key).
 #[derive(Clone, Debug)]
@@ -440,8 +440,8 @@ impl<'a> Pass<'a> {
         }
     }
 
-    /// Runs the interventions and closures of `point` on `x` and records it when the filter asks.
-    /// Returns the (possibly replaced) activation and whether anything changed it.
+    /// Runs the interventions and closures of `point` on `x`, and records `x` when the filter
+    /// selects it. Returns the (possibly replaced) activation and whether anything changed it.
     fn hook(&mut self, point: HookPoint, x: Tensor) -> Result<(Tensor, bool)> {
         let hooks = &self.options.hooks;
         let record = self.options.cache.contains(point);

@@ -34,7 +34,7 @@ pub enum BlockHook {
     /// `attn.hook_z`: per-head attention output before W_O, `[batch, pos, n_heads, d_head]`.
     Z,
     /// `attn.hook_result`: each head's `z · W_O`, `[batch, pos, n_heads, d_model]`; computed only
-    /// when a filter, closure or intervention asks for it.
+    /// when a filter, closure or intervention requests it.
     Result,
     /// `hook_attn_out`: attention output, `[batch, pos, d_model]`.
     AttnOut,
@@ -318,7 +318,7 @@ fn nearest_hook_name(name: &str) -> String {
         .unwrap_or_else(|| "hook_embed".to_string())
 }
 
-/// Which hook points a run reads back into its [`crate::ActivationCache`].
+/// Selection of the hook points that a run reads back into its [`crate::ActivationCache`].
 #[derive(Clone, Debug, Default)]
 pub enum HookFilter {
     /// No hook point (plain forward).

@@ -8,7 +8,7 @@ use crate::cache::{ActivationCache, HostTensor};
 use crate::error::{ModelError, Result};
 use crate::hooks::HookPoint;
 
-/// Which batch items and sequence positions an intervention touches.
+/// Batch items and sequence positions that an intervention changes.
 ///
 /// Positions index the left-padded sequence and count the tokens already in a KV cache, so position
 /// `t` is the same token in a full forward and in a generation step. `None` means all.
@@ -328,7 +328,7 @@ impl Intervention {
     }
 }
 
-/// What a hook closure is told about the activation it receives.
+/// Context passed to a hook closure with the activation.
 #[derive(Clone, Debug)]
 pub struct HookContext {
     /// The hook point.

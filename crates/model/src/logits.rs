@@ -9,7 +9,7 @@ use crate::cache::HostTensor;
 use crate::error::{ModelError, Result};
 use crate::tokens::TokenBatch;
 
-/// Which positions a run computes logits for.
+/// Positions that get logits in a run.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum LogitRows {
     /// Every position (needed for the loss and per-position log-probs).
