@@ -41,6 +41,7 @@ fn assert_close(actual: &[f32], expected: &[f32], tolerance: f32, what: &str) {
         if a == e {
             continue;
         }
+        assert!(e.is_finite(), "{what}[{i}]: got {a}, expected {e}");
         let bound = tolerance * e.abs().max(1.0);
         assert!(
             (a - e).abs() <= bound,
@@ -390,6 +391,22 @@ fn attention_pattern_overrides() {
         override_heads: vec![0, 9],
     };
     check_attention(case, 14);
+}
+
+#[test]
+fn attention_long_padded_batch_with_override() {
+    // 40 queries span two blocks of query rows, and cached keys shift the causal diagonal.
+    let case = AttentionCase {
+        batch: 2,
+        q_len: 40,
+        kv_len: 45,
+        n_heads: 14,
+        n_kv_heads: 2,
+        d_head: 64,
+        key_start: vec![0, 10],
+        override_heads: vec![3],
+    };
+    check_attention(case, 15);
 }
 
 #[test]
