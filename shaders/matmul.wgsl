@@ -17,7 +17,8 @@
 //   matmul_tiled   workgroup 16×16, 16×16 tiles of x and w staged in workgroup memory (real GPUs):
 //                  dispatch (ceil(nc / 16), ceil(m / 16), 1)
 //   gemv           workgroup 64, one invocation per output element, for decode-sized m on CPU
-//                  adapters: dispatch (ceil(nc / 64), m, 1)
+//                  adapters when weight rows do not start on 16-byte boundaries (gemv.wgsl covers the
+//                  aligned case): dispatch (ceil(nc / 64), m, 1)
 //   gemv_coop      workgroup 64 sharing one output element (coalesced weight reads, reduction in
 //                  workgroup memory), for decode-sized m on real GPUs: dispatch (x, y, m) with
 //                  x · y ≥ nc, x = min(nc, max workgroups per dimension)
