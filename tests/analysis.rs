@@ -19,7 +19,9 @@ use qwenlens_analysis::metrics::Metric;
 use qwenlens_analysis::patching::patch_patterns;
 use qwenlens_kernels::cpu::CpuBackend;
 use qwenlens_kernels::{Backend, Device, create_backend};
-use qwenlens_model::{Hooks, Intervention, Model, PatternSpec, TokenBatch};
+use qwenlens_model::{
+    BlockHook, HookFilter, HookPoint, Hooks, Intervention, Model, PatternSpec, Scope, TokenBatch,
+};
 use qwenlens_tests::{fixture_model, fixtures_dir};
 use qwenlens_weights::Checkpoint;
 use safetensors::SafeTensors;
@@ -487,6 +489,63 @@ fn activation_patching_restores_a_changed_token() {
         .filter(|p| p.extension().is_some_and(|e| e == "png"))
     {
         assert_png(path, 100, 60);
+    }
+}
+
+#[test]
+fn activation_patching_equals_full_patched_runs() {
+    let model = load_model("tiny-untied-sharded", cpu());
+    let clean = Golden::open("tiny-untied-sharded", "len7").ids();
+    let corrupted: Vec<u32> = clean.iter().map(|&id| (id + 7) % 1000).collect();
+    let options = ActivationPatchOptions {
+        answer: 5,
+        wrong: 6,
+        targets: PatchTarget::ALL.to_vec(),
+        batch_size: Some(3),
+    };
+
+    let report = activation_patching(&model, &clean, &corrupted, &options, |_| {}).unwrap();
+
+    let hooks = [
+        BlockHook::ResidPre,
+        BlockHook::AttnOut,
+        BlockHook::MlpOut,
+        BlockHook::Z,
+    ];
+    let points: Vec<HookPoint> = (0..3)
+        .flat_map(|layer| hooks.iter().map(move |&hook| HookPoint::block(layer, hook)))
+        .collect();
+    let (_, clean_cache) = model
+        .run_with_cache(&TokenBatch::single(&clean), HookFilter::points(points))
+        .unwrap();
+    let corrupted_batch = TokenBatch::single(&corrupted);
+    for (grid, hook) in report.grids.iter().zip(hooks) {
+        for (layer, index) in [(0, 2), (1, 0), (2, 3), (1, 1)] {
+            let point = HookPoint::block(layer, hook);
+            let (heads, scope) = match hook {
+                BlockHook::Z => (Some(vec![index]), Scope::all()),
+                _ => (None, Scope::all().with_positions(vec![index])),
+            };
+            let patch = Intervention::PatchFromCache {
+                hook: point,
+                source: Arc::new(clean_cache.require(point).unwrap().clone()),
+                heads,
+                scope,
+            };
+
+            let last = model
+                .run_with_hooks(&corrupted_batch, Hooks::from_interventions(vec![patch]))
+                .unwrap()
+                .last(0)
+                .unwrap();
+
+            let expected = last[5] - last[6];
+            let actual = grid.logit_diff[layer * grid.cols + index];
+            assert!(
+                (actual - expected).abs() < 1e-4,
+                "{point} index {index}: {actual} vs full run {expected}"
+            );
+        }
     }
 }
 

@@ -6,6 +6,7 @@
 //! `logits[answer] − logits[wrong]` at the last position: 1 when the patch restores the clean
 //! behaviour fully, 0 when it changes nothing.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -167,15 +168,24 @@ pub fn activation_patching(
     let clean_last = clean_output.into_logits()?.last(0)?;
     let clean_logit_diff = logit_difference(&clean_last, options.answer, options.wrong);
 
+    // The corrupted residual stream entering each layer lets every patched run start at its
+    // patch's layer, because the layers before it see no difference from the corrupted run.
     let corrupted_options = RunOptions {
+        cache: HookFilter::points((0..n_layers).map(|l| HookPoint::block(l, BlockHook::ResidPre))),
         logit_rows: LogitRows::Last,
         ..RunOptions::default()
     };
-    let corrupted_last = model
-        .run(&TokenBatch::single(corrupted), &corrupted_options)?
-        .into_logits()?
-        .last(0)?;
+    let mut corrupted_output = model.run(&TokenBatch::single(corrupted), &corrupted_options)?;
+    let corrupted_cache = std::mem::take(&mut corrupted_output.cache);
+    let corrupted_last = corrupted_output.into_logits()?.last(0)?;
     let corrupted_logit_diff = logit_difference(&corrupted_last, options.answer, options.wrong);
+    let corrupted_resid = (0..n_layers)
+        .map(|l| {
+            Ok(corrupted_cache
+                .require(HookPoint::block(l, BlockHook::ResidPre))?
+                .clone())
+        })
+        .collect::<Result<Vec<HostTensor>>>()?;
 
     let denominator = clean_logit_diff - corrupted_logit_diff;
     if denominator.abs() < 1e-6 {
@@ -189,7 +199,7 @@ pub fn activation_patching(
         "clean and corrupted runs done"
     );
 
-    let mut sources = std::collections::HashMap::new();
+    let mut sources = HashMap::new();
     for (point, tensor) in clean_cache.iter() {
         sources.insert(point, Arc::new(tensor.clone()));
     }
@@ -214,15 +224,32 @@ pub fn activation_patching(
         .batch_size
         .unwrap_or_else(|| crate::ablation::copies_per_pass(model, n, 1))
         .max(1);
-    let mut diffs = Vec::with_capacity(jobs.len());
+    let mut diffs = vec![f32::NAN; jobs.len()];
     let mut progress = PatchProgress {
         done: 0,
         total: jobs.len(),
     };
-    for chunk in jobs.chunks(batch_size) {
-        diffs.extend(patched_pass(model, corrupted, chunk, &sources, options)?);
-        progress.done += chunk.len();
-        on_progress(progress);
+    // Passes hold jobs of one layer each, so that they can all start at that layer.
+    for layer in 0..n_layers {
+        let indices: Vec<usize> = (0..jobs.len())
+            .filter(|&i| jobs[i].layer == layer)
+            .collect();
+        for chunk in indices.chunks(batch_size) {
+            let chunk_jobs: Vec<Job> = chunk.iter().map(|&i| jobs[i]).collect();
+            let context = PassContext {
+                model,
+                corrupted,
+                start_resid: &corrupted_resid[layer],
+                sources: &sources,
+                options,
+            };
+            let values = patched_pass(&context, layer, &chunk_jobs)?;
+            for (&i, value) in chunk.iter().zip(values) {
+                diffs[i] = value;
+            }
+            progress.done += chunk.len();
+            on_progress(progress);
+        }
     }
 
     let mut grids = Vec::new();
@@ -261,64 +288,85 @@ pub fn activation_patching(
     })
 }
 
-/// Runs one batch of patched corrupted runs and returns each run's logit difference. A batch that
-/// the model reports as too large for the device is split in two.
-fn patched_pass(
-    model: &Model,
-    corrupted: &[u32],
-    jobs: &[Job],
-    sources: &std::collections::HashMap<HookPoint, Arc<HostTensor>>,
-    options: &ActivationPatchOptions,
-) -> Result<Vec<f32>> {
-    let interventions = jobs
-        .iter()
-        .enumerate()
-        .map(|(item, job)| {
-            let point = HookPoint::block(job.layer, job.target.block_hook());
-            let source = sources.get(&point).ok_or_else(|| {
-                AnalysisError::InvalidArgument(format!("the clean run recorded no {point}"))
-            })?;
-            let (heads, scope) = match job.target {
-                PatchTarget::HeadZ => (Some(vec![job.index]), Scope::batch_item(item)),
-                _ => (
-                    None,
-                    Scope::batch_item(item).with_positions(vec![job.index]),
-                ),
-            };
-            Ok(Intervention::PatchFromCache {
+/// Inputs shared by every patched pass.
+struct PassContext<'a> {
+    model: &'a Model,
+    corrupted: &'a [u32],
+    /// The corrupted run's `hook_resid_pre` of the pass's layer, `[1, n, d_model]`.
+    start_resid: &'a HostTensor,
+    sources: &'a HashMap<HookPoint, Arc<HostTensor>>,
+    options: &'a ActivationPatchOptions,
+}
+
+/// Runs one batch of patched corrupted runs of one layer, starting at that layer, and returns each
+/// run's logit difference. A batch that the model reports as too large for the device is split in
+/// two.
+fn patched_pass(context: &PassContext<'_>, layer: usize, jobs: &[Job]) -> Result<Vec<f32>> {
+    let model = context.model;
+    let n = context.corrupted.len();
+    let d_model = model.config().d_model();
+
+    // A resid_pre patch replaces one row of the starting residual stream; the other targets patch
+    // their hook inside the layer through an intervention on their batch item.
+    let mut start = Vec::with_capacity(jobs.len() * n * d_model);
+    let mut interventions = Vec::new();
+    for (item, job) in jobs.iter().enumerate() {
+        let point = HookPoint::block(layer, job.target.block_hook());
+        let source = context.sources.get(&point).ok_or_else(|| {
+            AnalysisError::InvalidArgument(format!("the clean run recorded no {point}"))
+        })?;
+
+        let mut resid = context.start_resid.data.clone();
+        match job.target {
+            PatchTarget::ResidPre => {
+                let row = job.index * d_model..(job.index + 1) * d_model;
+                resid[row.clone()].copy_from_slice(&source.data[row]);
+            }
+            PatchTarget::AttnOut | PatchTarget::MlpOut => {
+                interventions.push(Intervention::PatchFromCache {
+                    hook: point,
+                    source: Arc::clone(source),
+                    heads: None,
+                    scope: Scope::batch_item(item).with_positions(vec![job.index]),
+                })
+            }
+            PatchTarget::HeadZ => interventions.push(Intervention::PatchFromCache {
                 hook: point,
                 source: Arc::clone(source),
-                heads,
-                scope,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
+                heads: Some(vec![job.index]),
+                scope: Scope::batch_item(item),
+            }),
+        }
+        start.extend(resid);
+    }
 
-    let batch = TokenBatch::left_padded(&vec![corrupted.to_vec(); jobs.len()], 0);
+    let start_tensor = model
+        .backend()
+        .upload(&start, &[jobs.len() * n, d_model])
+        .map_err(ModelError::from)?;
+    let batch = TokenBatch::left_padded(&vec![context.corrupted.to_vec(); jobs.len()], 0);
     let run_options = RunOptions {
         hooks: Hooks::from_interventions(interventions),
         logit_rows: LogitRows::Last,
+        start_at_layer: Some((layer, start_tensor)),
         ..RunOptions::default()
     };
 
     match model.run(&batch, &run_options) {
         Err(ModelError::DeviceLimit { .. }) if jobs.len() > 1 => {
             let (first, second) = jobs.split_at(jobs.len() / 2);
-            let mut diffs = patched_pass(model, corrupted, first, sources, options)?;
-            diffs.extend(patched_pass(model, corrupted, second, sources, options)?);
+            let mut diffs = patched_pass(context, layer, first)?;
+            diffs.extend(patched_pass(context, layer, second)?);
             Ok(diffs)
         }
         Err(error) => Err(error.into()),
         Ok(output) => {
             let last = output.into_logits()?.last_rows()?;
             let d_vocab = last.shape[1];
+            let (answer, wrong) = (context.options.answer, context.options.wrong);
             Ok((0..jobs.len())
                 .map(|i| {
-                    logit_difference(
-                        &last.data[i * d_vocab..(i + 1) * d_vocab],
-                        options.answer,
-                        options.wrong,
-                    )
+                    logit_difference(&last.data[i * d_vocab..(i + 1) * d_vocab], answer, wrong)
                 })
                 .collect())
         }
