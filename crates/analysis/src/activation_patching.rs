@@ -230,7 +230,7 @@ pub fn activation_patching(
         total: jobs.len(),
     };
     // Passes hold jobs of one layer each, so that they can all start at that layer.
-    for layer in 0..n_layers {
+    for (layer, start_resid) in corrupted_resid.iter().enumerate() {
         let indices: Vec<usize> = (0..jobs.len())
             .filter(|&i| jobs[i].layer == layer)
             .collect();
@@ -239,7 +239,7 @@ pub fn activation_patching(
             let context = PassContext {
                 model,
                 corrupted,
-                start_resid: &corrupted_resid[layer],
+                start_resid,
                 sources: &sources,
                 options,
             };
