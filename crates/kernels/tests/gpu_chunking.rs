@@ -68,7 +68,13 @@ fn chunked_matmul_matches_cpu() {
     // f32 weights of 37 × 24 take 3552 bytes (4 chunks); k = 23 gives half-precision rows that end
     // mid-word; 9 × 37 f32 outputs take 1332 bytes, more than one binding.
     for dtype in DTYPES {
-        for (m, k, n) in [(9, 24, 37), (9, 23, 37), (1, 23, 37), (1, 24, 37), (30, 5, 11)] {
+        for (m, k, n) in [
+            (9, 24, 37),
+            (9, 23, 37),
+            (1, 23, 37),
+            (1, 24, 37),
+            (30, 5, 11),
+        ] {
             let x = random(&mut rng, m * k);
             let w = reference::f32_to_weight_bytes(dtype, &random(&mut rng, n * k));
             let bias = reference::f32_to_weight_bytes(dtype, &random(&mut rng, n));
