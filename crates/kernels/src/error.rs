@@ -7,7 +7,10 @@ pub enum KernelError {
 
     /// An operand was created by another backend than the one asked to use it.
     #[error("{op}: operand belongs to another backend (expected {expected})")]
-    WrongBackend { op: &'static str, expected: &'static str },
+    WrongBackend {
+        op: &'static str,
+        expected: &'static str,
+    },
 
     /// A host buffer does not hold the number of bytes its shape and dtype need.
     #[error("{op}: expected {expected} bytes for shape {shape:?}, found {found}")]
@@ -28,7 +31,9 @@ pub enum KernelError {
     },
 
     /// No GPU adapter could be found or opened.
-    #[error("no GPU adapter found ({detail}); on headless Linux install `mesa-vulkan-drivers` (software Vulkan), or use the CPU backend")]
+    #[error(
+        "no GPU adapter found ({detail}); on headless Linux install `mesa-vulkan-drivers` (software Vulkan), or use the CPU backend"
+    )]
     NoAdapter { detail: String },
 
     /// The GPU device failed or reported an error.
@@ -36,8 +41,14 @@ pub enum KernelError {
     Gpu(String),
 
     /// A buffer would exceed what the device allows.
-    #[error("{op}: {bytes} bytes exceed the device limit of {limit} bytes; use a shorter input or the CPU backend")]
-    DeviceLimit { op: &'static str, bytes: u64, limit: u64 },
+    #[error(
+        "{op}: {bytes} bytes exceed the device limit of {limit} bytes; use a shorter input or the CPU backend"
+    )]
+    DeviceLimit {
+        op: &'static str,
+        bytes: u64,
+        limit: u64,
+    },
 }
 
 /// Result alias of this crate.

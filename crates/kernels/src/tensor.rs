@@ -55,7 +55,9 @@ impl Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Tensor").field("shape", &self.shape).finish_non_exhaustive()
+        f.debug_struct("Tensor")
+            .field("shape", &self.shape)
+            .finish_non_exhaustive()
     }
 }
 
@@ -70,7 +72,11 @@ pub struct Weight {
 impl Weight {
     /// Wraps backend storage for a weight of the given shape and stored dtype.
     pub fn new(shape: Vec<usize>, dtype: DType, storage: Arc<dyn Any + Send + Sync>) -> Self {
-        Self { shape, dtype, storage }
+        Self {
+            shape,
+            dtype,
+            storage,
+        }
     }
 
     /// Dimensions in the checkpoint's layout (`[out_features, in_features]` for matrices).
