@@ -23,7 +23,9 @@ pub enum AnalysisError {
     TokenOutOfRange { id: u32, d_vocab: usize },
 
     /// A prompt too short for the requested analysis.
-    #[error("the prompt has {tokens} tokens but {what} needs at least {min}; use a longer prompt")]
+    #[error(
+        "{what} needs a prompt of at least {min} tokens, but the prompt has {tokens}; use a longer prompt"
+    )]
     PromptTooShort {
         tokens: usize,
         min: usize,

@@ -261,6 +261,39 @@ fn ablate_logit_diff_needs_two_tokens() {
 }
 
 #[test]
+fn ablate_rejects_target_unused_by_metric() {
+    let out = temp_folder("ablate-unused-target");
+
+    let output = qwenlens(
+        "ablate",
+        &[
+            "--prompt",
+            LEN7_TEXT,
+            "--metric",
+            "kl",
+            "--target",
+            " lazy",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+
+    assert_failure_mentions(&output, &["--target is read only by"]);
+}
+
+#[test]
+fn attention_rejects_one_token_prompt() {
+    let out = temp_folder("attention-short");
+
+    let output = qwenlens(
+        "attention",
+        &["--prompt", "Hello", "--out", out.to_str().unwrap()],
+    );
+
+    assert_failure_mentions(&output, &["at least 2 tokens", "has 1"]);
+}
+
+#[test]
 fn patch_reports_loss_and_continuations() {
     let out = temp_folder("patch");
 

@@ -171,6 +171,18 @@ fn metric(args: &Args, model: &qwenlens_model::Model, tokens: &[u32]) -> anyhow:
     let d_vocab = model.config().d_vocab();
     let resolve = |text: &str| resolve_token(text, model.tokenizer(), d_vocab);
 
+    let uses_target = matches!(args.metric, MetricArg::Logprob | MetricArg::LogitDiff);
+    if args.target.is_some() && !uses_target {
+        anyhow::bail!(
+            "--target is read only by --metric logprob and --metric logit-diff; drop it or change the metric"
+        );
+    }
+    if args.distractor.is_some() && args.metric != MetricArg::LogitDiff {
+        anyhow::bail!(
+            "--distractor is read only by --metric logit-diff; drop it or change the metric"
+        );
+    }
+
     Ok(match args.metric {
         MetricArg::Loss => Metric::Loss,
         MetricArg::Kl => Metric::Kl,
