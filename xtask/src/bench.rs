@@ -98,6 +98,8 @@ struct Report {
     machine: Machine,
     build_profile: &'static str,
     measurements: Vec<Measurement>,
+    /// Measurements that failed, with their errors.
+    failures: Vec<String>,
 }
 
 /// The machine a benchmark ran on.
@@ -141,11 +143,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let load_average_start = load_average();
     eprintln!("load average before: {load_average_start}");
     let mut measurements = Vec::new();
+    let mut failures = Vec::new();
     for name in selected {
         eprintln!("measuring {name} ...");
-        let measurement = run_child(&args, name)?;
-        eprintln!("  {}", row(&measurement));
-        measurements.push(measurement);
+        match run_child(&args, name) {
+            Ok(measurement) => {
+                eprintln!("  {}", row(&measurement));
+                measurements.push(measurement);
+            }
+            // The other measurements still run, so one failure does not cost the whole session.
+            Err(error) => {
+                eprintln!("  {name} failed: {error:#}");
+                failures.push(format!("{name}: {error:#}"));
+            }
+        }
     }
 
     let report = Report {
@@ -164,6 +175,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             "release"
         },
         measurements,
+        failures: failures.clone(),
     };
 
     println!("{}", table(&report));
@@ -177,12 +189,25 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     xtask::report::write_atomic(&out, serde_json::to_string_pretty(&report)?.as_bytes())?;
     println!("wrote {}", out.display());
+    if !failures.is_empty() {
+        bail!(
+            "{} measurements failed: {}",
+            failures.len(),
+            failures.join("; ")
+        );
+    }
     Ok(())
 }
 
 /// Runs one measurement in a fresh process of this binary and parses its result line.
 fn run_child(args: &Args, name: &str) -> anyhow::Result<Measurement> {
-    let exe = std::env::current_exe().context("cannot find the running xtask binary")?;
+    // /proc/self/exe still runs this binary after cargo rebuilds (and so deletes) the file on disk.
+    let proc_exe = PathBuf::from("/proc/self/exe");
+    let exe = if proc_exe.exists() {
+        proc_exe
+    } else {
+        std::env::current_exe().context("cannot find the running xtask binary")?
+    };
     let output = Command::new(exe)
         .args([
             "bench",
