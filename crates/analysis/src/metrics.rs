@@ -101,7 +101,7 @@ pub fn rank_of(values: &[f32], target: u32) -> usize {
     values.iter().filter(|&&x| x > value).count()
 }
 
-/// What a head-importance sweep measures on every run.
+/// Quantity that a head-importance sweep measures on every run.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum Metric {
@@ -192,7 +192,7 @@ mod tests {
     }
 
     #[test]
-    fn kl_is_zero_for_equal_rows_and_positive_otherwise() {
+    fn kl_zero_only_for_equal_rows() {
         let clean = [1.0, 2.0, 0.5];
         let other = [2.0, 1.0, 0.5];
 

@@ -345,7 +345,7 @@ fn patch_reports_loss_and_continuations() {
 /// Writes a `[k, k]` float32 array as a version 1.0 `.npy` file.
 fn write_npy(path: &Path, k: usize, values: &[f32]) {
     let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({k}, {k}), }}");
-    // The magic string, version and length take 10 bytes; the header ends in a newline and pads the
+    // The magic string, version and length take 10 bytes. Spaces and a final newline pad the
     // whole preamble to a multiple of 64 bytes.
     while (10 + header.len() + 1) % 64 != 0 {
         header.push(' ');

@@ -6,7 +6,7 @@ use serde::Serialize;
 /// Colour of a missing value (NaN), e.g. a masked attention entry.
 pub const MISSING: Rgb<u8> = Rgb([228, 228, 228]);
 
-/// How values map to colours.
+/// Mapping from values to colours.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 #[serde(rename_all = "kebab-case", tag = "kind")]
 pub enum ColorScale {
@@ -40,7 +40,7 @@ const DIVERGING: [[u8; 3]; 5] = [
 ];
 
 impl ColorScale {
-    /// A sequential scale over the finite range of `values` (0 to 1 when all are equal or missing).
+    /// Builds a sequential scale over the finite range of `values` (0 to 1 when all are equal or missing).
     pub fn sequential_for(values: &[f32]) -> Self {
         let (min, max) = finite_range(values).unwrap_or((0.0, 1.0));
         if min == max {
@@ -52,7 +52,7 @@ impl ColorScale {
         ColorScale::Sequential { min, max }
     }
 
-    /// A diverging scale symmetric around zero that covers every finite value.
+    /// Builds a diverging scale symmetric around zero that covers every finite value.
     pub fn diverging_for(values: &[f32]) -> Self {
         let limit = values
             .iter()
