@@ -22,7 +22,7 @@ use qwenlens_kernels::{Backend, Device, create_backend};
 use qwenlens_model::{
     BlockHook, HookFilter, HookPoint, Hooks, Intervention, Model, PatternSpec, Scope, TokenBatch,
 };
-use qwenlens_tests::{fixture_model, fixtures_dir};
+use qwenlens_tests::{fixture_model, fixtures_dir, standin_dir};
 use qwenlens_weights::Checkpoint;
 use safetensors::SafeTensors;
 
@@ -566,5 +566,44 @@ fn activation_patching_rejects_unequal_lengths() {
     assert!(
         error.contains("3 tokens") && error.contains("has 2"),
         "{error}"
+    );
+}
+
+#[test]
+fn standin_france_lens_and_attention() {
+    let checkpoint = Checkpoint::open(standin_dir()).unwrap();
+    let model = Model::from_checkpoint(&checkpoint, cpu()).unwrap();
+    let chat =
+        qwenlens_weights::read_chat_file(fixtures_dir().join("standin/france.json")).unwrap();
+    let tokens = model.tokenizer().unwrap().encode_chat(&chat, true).unwrap();
+    let paris = 59_604;
+
+    let lens = logit_lens(&model, &tokens, None, 5).unwrap();
+
+    assert_eq!(lens.target, paris, "the greedy answer is \"Paris\"");
+    assert_eq!(lens.target_text, "Paris");
+    assert_eq!(lens.layers.last().unwrap().target_rank, 0);
+    assert!(
+        lens.layers[0].target_rank > 100,
+        "the embedding alone does not predict Paris"
+    );
+    // The residual stream reaches magnitudes near 2000 in the middle layers, so the attribution
+    // sum carries more float32 rounding than on the tiny fixtures.
+    assert!(
+        (lens.attribution_total - lens.target_logit).abs() < 1e-2,
+        "attributions sum to {}, logit is {}",
+        lens.attribution_total,
+        lens.target_logit
+    );
+
+    let attention = analyze_attention(&model, &tokens, &[0], None).unwrap();
+    let labels: Vec<_> = attention.layers[0]
+        .stats
+        .iter()
+        .filter_map(|s| s.label)
+        .collect();
+    assert!(
+        labels.contains(&qwenlens_analysis::attention::HeadLabel::PreviousToken),
+        "layer 0 has a previous-token head: {labels:?}"
     );
 }
