@@ -300,6 +300,34 @@ fn kv_group_equals_all_its_heads_zeroed() {
 }
 
 #[test]
+fn custom_pattern_function_matches_builtin() {
+    let model = load_model("tiny-gqa", cpu());
+    let golden = Golden::open("tiny-gqa", "len7");
+    let tokens = golden.ids();
+    let uniform = PatternSpec::Custom(Arc::new(|query: usize, key_len: usize| {
+        let visible = (query + 1).min(key_len);
+        (0..key_len)
+            .map(|key| {
+                if key < visible {
+                    1.0 / visible as f32
+                } else {
+                    0.0
+                }
+            })
+            .collect()
+    }));
+
+    let outcome = patch_patterns(&model, &tokens, &[(1, 1)], &uniform).unwrap();
+
+    let expected = golden.f32s("patch_uniform_loss")[0];
+    assert!(
+        (outcome.patched_loss - expected).abs() <= LOSS_TOLERANCE,
+        "{} vs golden {expected}",
+        outcome.patched_loss
+    );
+}
+
+#[test]
 fn uniform_pattern_on_one_token_changes_nothing() {
     for name in MODELS {
         let model = load_model(name, cpu());
