@@ -261,6 +261,57 @@ fn ablate_logit_diff_needs_two_tokens() {
 }
 
 #[test]
+fn ablate_rejects_layer_out_of_range() {
+    let out = temp_folder("ablate-layer");
+
+    let output = qwenlens(
+        "ablate",
+        &[
+            "--prompt",
+            LEN7_TEXT,
+            "--layers",
+            "0,2",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+
+    assert_failure_mentions(&output, &["layer 2", "2 layers"]);
+    assert!(
+        !out.join("importance.csv").exists(),
+        "no table after a rejected request"
+    );
+}
+
+#[test]
+fn ablate_sweeps_chosen_layers_only() {
+    let out = temp_folder("ablate-layers");
+
+    let output = qwenlens(
+        "ablate",
+        &[
+            "--prompt",
+            LEN7_TEXT,
+            "--layers",
+            "1",
+            "--mode",
+            "mean",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+
+    assert_success(&output);
+    let csv = std::fs::read_to_string(out.join("importance.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 1 + 4);
+    assert!(
+        csv.lines().skip(1).all(|line| line.starts_with("1,")),
+        "{csv}"
+    );
+    assert_eq!(read_json(&out.join("importance.json"))["mode"], "mean");
+}
+
+#[test]
 fn ablate_rejects_target_unused_by_metric() {
     let out = temp_folder("ablate-unused-target");
 
