@@ -473,6 +473,31 @@ fn logit_lens_attribution_adds_up() {
 }
 
 #[test]
+fn logit_lens_long_prompt_matches_forward() {
+    let model = load_model("tiny-gqa", cpu());
+    // 165 tokens, more than one 64 MiB block of lens logits (110 rows of 151936).
+    let tokens = Golden::open("tiny-gqa", "len33").ids().repeat(5);
+
+    let report = logit_lens(&model, &tokens, None, 3).unwrap();
+
+    let logits = model
+        .forward(&TokenBatch::single(&tokens))
+        .unwrap()
+        .to_host()
+        .unwrap();
+    let d_vocab = logits.shape[2];
+    for (p, &predicted) in report.predictions.iter().enumerate() {
+        let row = &logits.data[p * d_vocab..(p + 1) * d_vocab];
+        assert_eq!(
+            predicted,
+            qwenlens_analysis::metrics::argmax(row),
+            "position {p}"
+        );
+    }
+    assert_eq!(report.prediction_probs.len(), 3 * tokens.len());
+}
+
+#[test]
 fn activation_patching_restores_a_changed_token() {
     let model = load_model("tiny-gqa", cpu());
     let clean = Golden::open("tiny-gqa", "len7").ids();

@@ -90,12 +90,7 @@ pub fn logit_lens(
     top: usize,
 ) -> Result<LogitLensReport> {
     let config = model.config();
-    let (n_layers, n_heads, d_model, d_vocab) = (
-        config.n_layers(),
-        config.n_heads(),
-        config.d_model(),
-        config.d_vocab(),
-    );
+    let (n_layers, n_heads, d_vocab) = (config.n_layers(), config.n_heads(), config.d_vocab());
     let n = tokens.len();
     if n == 0 {
         return Err(AnalysisError::PromptTooShort {
@@ -130,46 +125,33 @@ pub fn logit_lens(
     let texts = token_texts(model, tokens);
     let decode = |id: u32| token_texts(model, &[id]).remove(0);
 
-    // The lens at every snapshot: the residual stream [n, d_model] through ln_final and W_U.
     let mut snapshots: Vec<HookPoint> = (0..n_layers)
         .map(|l| HookPoint::block(l, BlockHook::ResidPre))
         .collect();
     snapshots.push(final_point);
-    let mut lens_rows = Vec::with_capacity(snapshots.len());
-    for &point in &snapshots {
-        let resid = cache.require(point)?;
-        let device = model
-            .backend()
-            .upload(&resid.data, &[n, d_model])
-            .map_err(ModelError::from)?;
-        let logits = model
-            .backend()
-            .read(&model.unembed(&device)?)
-            .map_err(ModelError::from)?;
-        lens_rows.push(logits);
-    }
 
-    let final_logits = lens_rows
-        .last()
-        .expect("at least the final snapshot")
-        .clone();
-    let predictions: Vec<u32> = (0..n)
-        .map(|p| argmax(&final_logits[p * d_vocab..(p + 1) * d_vocab]))
-        .collect();
+    // The final snapshot's lens logits are the model's logits, whose argmax at each position is the
+    // prediction that every snapshot is scored on.
+    let mut predictions = Vec::with_capacity(n);
+    lens_rows(model, cache.require(final_point)?, |_, row| {
+        predictions.push(argmax(row));
+    })?;
 
     let mut layers = Vec::with_capacity(snapshots.len());
     let mut prediction_probs = Vec::with_capacity(snapshots.len() * n);
-    for (point, logits) in snapshots.iter().zip(&lens_rows) {
-        for (p, &predicted) in predictions.iter().enumerate() {
-            let row = &logits[p * d_vocab..(p + 1) * d_vocab];
-            prediction_probs.push(crate::metrics::log_prob(row, predicted).exp());
-        }
+    for &point in &snapshots {
+        let mut last = Vec::new();
+        lens_rows(model, cache.require(point)?, |p, row| {
+            prediction_probs.push(crate::metrics::log_prob(row, predictions[p]).exp());
+            if p == n - 1 {
+                last = row.to_vec();
+            }
+        })?;
 
-        let last = &logits[(n - 1) * d_vocab..n * d_vocab];
-        let logprobs = log_softmax(last);
+        let logprobs = log_softmax(&last);
         layers.push(LensLayer {
             hook: point.to_string(),
-            top_tokens: top_k(last, top)
+            top_tokens: top_k(&last, top)
                 .into_iter()
                 .map(|id| TokenScore {
                     id,
@@ -178,7 +160,7 @@ pub fn logit_lens(
                     prob: logprobs[id as usize].exp(),
                 })
                 .collect(),
-            target_rank: rank_of(last, target),
+            target_rank: rank_of(&last, target),
             target_logprob: logprobs[target as usize],
         });
     }
@@ -203,6 +185,42 @@ pub fn logit_lens(
         n_layers,
         n_heads,
     })
+}
+
+/// Largest lens logit block read back at once, in bytes. It keeps a long prompt's `[n, d_vocab]`
+/// logits within the 128 MiB storage-buffer binding of software Vulkan (lavapipe).
+const LENS_CHUNK_BYTES: usize = 64 << 20;
+
+/// Puts a `[1, n, d_model]` residual stream through `ln_final` and the unembedding in chunks of
+/// positions, calling `visit(position, logits_row)` for every position in order.
+fn lens_rows(
+    model: &Model,
+    resid: &qwenlens_model::HostTensor,
+    mut visit: impl FnMut(usize, &[f32]),
+) -> Result<()> {
+    let d_model = model.config().d_model();
+    let d_vocab = model.config().d_vocab();
+    let n = resid.numel() / d_model;
+    let chunk_rows = (LENS_CHUNK_BYTES / (d_vocab * 4)).max(1);
+
+    for start in (0..n).step_by(chunk_rows) {
+        let rows = chunk_rows.min(n - start);
+        let device = model
+            .backend()
+            .upload(
+                &resid.data[start * d_model..(start + rows) * d_model],
+                &[rows, d_model],
+            )
+            .map_err(ModelError::from)?;
+        let logits = model
+            .backend()
+            .read(&model.unembed(&device)?)
+            .map_err(ModelError::from)?;
+        for (offset, row) in logits.chunks_exact(d_vocab).enumerate() {
+            visit(start + offset, row);
+        }
+    }
+    Ok(())
 }
 
 fn direct_logit_attribution(
