@@ -56,12 +56,12 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "loss")]
     pub metric: MetricArg,
 
-    /// Target token (text or id) of logprob and logit-diff [default for logprob: the model's
-    /// greedy next token].
+    /// Target token of logprob and logit-diff, as text or as a number read as a token id
+    /// [default for logprob: the model's greedy next token].
     #[arg(long, value_name = "TOKEN")]
     pub target: Option<String>,
 
-    /// Second token (text or id) of logit-diff.
+    /// Second token (text, or a number read as a token id) of logit-diff.
     #[arg(long, value_name = "TOKEN")]
     pub distractor: Option<String>,
 

@@ -24,11 +24,11 @@ pub struct Args {
     #[arg(long, value_name = "TEXT")]
     pub corrupted: String,
 
-    /// Token (text or id) that the clean prompt should predict next.
+    /// Token (text, or a number read as a token id) that the clean prompt should predict next.
     #[arg(long, value_name = "TOKEN")]
     pub answer: String,
 
-    /// Token (text or id) that the corrupted prompt should predict next.
+    /// Token (text, or a number read as a token id) that the corrupted prompt should predict next.
     #[arg(long, value_name = "TOKEN")]
     pub wrong: String,
 

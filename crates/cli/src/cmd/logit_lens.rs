@@ -16,7 +16,7 @@ pub struct Args {
     #[command(flatten)]
     pub prompt: PromptArgs,
 
-    /// Target token (text or id) [default: the model's greedy next token].
+    /// Target token (text, or a number read as a token id) [default: the model's greedy next token].
     #[arg(long, value_name = "TOKEN")]
     pub target: Option<String>,
 
