@@ -42,7 +42,7 @@ pub fn f32_to_weight_bytes(dtype: DType, values: &[f32]) -> Vec<u8> {
     }
 }
 
-/// Rows `ids` of a `[vocab, d_model]` table: `[ids.len(), d_model]`.
+/// Gathers rows `ids` of a `[vocab, d_model]` table: `[ids.len(), d_model]`.
 pub fn embedding(table: &[f32], d_model: usize, ids: &[u32]) -> Vec<f32> {
     ids.iter()
         .flat_map(|&id| {
@@ -53,7 +53,7 @@ pub fn embedding(table: &[f32], d_model: usize, ids: &[u32]) -> Vec<f32> {
         .collect()
 }
 
-/// `x · wᵀ + bias` for `x` `[m, k]` and `w` `[n, k]`: `[m, n]`.
+/// Computes `x · wᵀ + bias` for `x` `[m, k]` and `w` `[n, k]`: `[m, n]`.
 pub fn matmul(
     x: &[f32],
     w: &[f32],
@@ -93,14 +93,15 @@ pub fn rms_norm(x: &[f32], width: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
     (normalized, scales)
 }
 
-/// Every row of `x` times `weight` (element-wise).
+/// Multiplies every row of `x` by `weight`, element-wise.
 pub fn mul_weight(x: &[f32], weight: &[f32]) -> Vec<f32> {
     x.chunks_exact(weight.len())
         .flat_map(|row| row.iter().zip(weight).map(|(&a, &b)| a * b))
         .collect()
 }
 
-/// Rotate-half rotary embedding of `x` `[rows, n_heads, d_head]`, row `r` at `positions[r]`.
+/// Applies the rotate-half rotary embedding to `x` `[rows, n_heads, d_head]`, row `r` at position
+/// `positions[r]`.
 ///
 /// The angle is `positions[r] · inv_freq[k]` as an f32 product with
 /// `inv_freq[k] = theta^(-2k / d_head)` rounded to f32, as Hugging Face transformers computes it.
@@ -225,7 +226,7 @@ pub fn concat_seq(cache: &[f32], new: &[f32], batch: usize, row: usize) -> Vec<f
     out
 }
 
-/// Rows `rows` of `x` viewed as `[_, width]`.
+/// Gathers rows `rows` of `x` viewed as `[_, width]`.
 pub fn gather_rows(x: &[f32], width: usize, rows: &[usize]) -> Vec<f32> {
     rows.iter()
         .flat_map(|&r| x[r * width..(r + 1) * width].iter().copied())
@@ -249,7 +250,7 @@ pub fn logsumexp(x: &[f32], width: usize) -> Vec<f32> {
         .collect()
 }
 
-/// `x[r, cols[r]]` for each row of `width`.
+/// Picks `x[r, cols[r]]` for each row of `width`.
 pub fn gather_cols(x: &[f32], width: usize, cols: &[u32]) -> Vec<f32> {
     cols.iter()
         .enumerate()

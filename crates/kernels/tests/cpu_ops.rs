@@ -14,7 +14,7 @@ fn random(rng: &mut StdRng, len: usize) -> Vec<f32> {
     (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
 }
 
-/// Uploads `values` as a weight of `dtype` and returns it with the values it holds after rounding.
+/// Uploads `values` as a weight of `dtype` and returns it with its values after rounding to `dtype`.
 fn weight(
     backend: &CpuBackend,
     dtype: DType,
@@ -181,8 +181,9 @@ fn rope_matches_reference() {
     }
 }
 
+/// Position 0 leaves a vector unchanged, and any rotation keeps its norm.
 #[test]
-fn rope_position_zero_is_identity_and_rotation_preserves_norm() {
+fn rope_rotation_properties() {
     let mut rng = StdRng::seed_from_u64(5);
     let backend = CpuBackend::new();
     let x = random(&mut rng, 2 * 8);

@@ -32,7 +32,7 @@ fn has_f16c() -> bool {
     }
 }
 
-/// The fastest f32 · f32 dot product this CPU runs.
+/// Returns the fastest f32 · f32 dot product this CPU runs.
 pub(super) fn dot_f32_fn() -> DotFn<f32> {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
@@ -42,7 +42,7 @@ pub(super) fn dot_f32_fn() -> DotFn<f32> {
     dot_f32_portable
 }
 
-/// The fastest f32 · bf16 dot product this CPU runs.
+/// Returns the fastest f32 · bf16 dot product this CPU runs.
 pub(super) fn dot_bf16_fn() -> DotFn<u16> {
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
@@ -52,7 +52,7 @@ pub(super) fn dot_bf16_fn() -> DotFn<u16> {
     dot_bf16_portable
 }
 
-/// The fastest f32 · f16 dot product this CPU runs.
+/// Returns the fastest f32 · f16 dot product this CPU runs.
 pub(super) fn dot_f16_fn() -> DotFn<u16> {
     #[cfg(target_arch = "x86_64")]
     if has_f16c() {
