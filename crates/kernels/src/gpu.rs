@@ -53,6 +53,10 @@ pub struct GpuOptions {
     pub max_binding_bytes: Option<u64>,
     /// Matmul kernel for prefill-sized inputs; `None` picks by adapter type.
     pub matmul_kernel: Option<MatmulKernel>,
+    /// Let the register-blocked matmul and its GEMV load x and w 16 bytes at a time where every row
+    /// starts on a 16-byte boundary (k a multiple of 4 for f32, of 8 for f16 and bf16). `false`
+    /// keeps the scalar-load kernels, for comparing the two.
+    pub vec4_loads: bool,
     /// Inputs with at most this many rows use the GEMV kernel.
     // NOTE: the default of 1 is a guess for batched decoding; the crossover at 2 to 8 rows is unmeasured.
     pub gemv_max_rows: usize,
@@ -69,6 +73,7 @@ impl Default for GpuOptions {
             hardware_only: false,
             max_binding_bytes: None,
             matmul_kernel: None,
+            vec4_loads: true,
             gemv_max_rows: 1,
             warm_up: true,
         }
@@ -80,6 +85,7 @@ pub struct GpuBackend {
     ctx: Context,
     pipelines: Pipelines,
     matmul_kernel: MatmulKernel,
+    vec4_loads: bool,
     gemv_max_rows: usize,
 }
 
@@ -104,10 +110,12 @@ impl GpuBackend {
             ctx,
             pipelines,
             matmul_kernel,
+            vec4_loads: options.vec4_loads,
             gemv_max_rows: options.gemv_max_rows,
         };
         tracing::debug!(
             ?matmul_kernel,
+            vec4_loads = options.vec4_loads,
             gemv_max_rows = options.gemv_max_rows,
             "GPU kernel variants"
         );
@@ -143,11 +151,18 @@ impl GpuBackend {
         self.matmul_kernel
     }
 
+    /// Blocks until every submitted dispatch has finished. Kernels return once their work is
+    /// submitted, so timing a kernel needs this (or a [`Backend::read`]) before the clock stops.
+    pub fn wait(&self) -> Result<()> {
+        self.ctx.wait()
+    }
+
     /// Runs every pipeline this backend uses once on tiny inputs and waits for the device.
     fn warm_up(&self) -> Result<()> {
         let x = self.upload(&[0.5, -1.0, 2.0, 0.25, 1.5, -0.5, 0.0, 1.0], &[2, 4])?;
         let x_row = self.upload(&[0.5, -1.0, 2.0, 0.25], &[1, 4])?;
         let x_row8 = self.upload(&[0.5; 8], &[1, 8])?;
+        let x_rows8 = self.upload(&[0.5; 16], &[2, 8])?;
         let f32_bytes: Vec<u8> = (0..8)
             .flat_map(|i| (i as f32 * 0.1).to_le_bytes())
             .collect();
@@ -167,9 +182,10 @@ impl GpuBackend {
             self.matmul(&x, &w, Some(&bias))?;
             self.matmul(&x_row, &w, None)?;
             // Rows of 8 elements start on 16-byte boundaries in every dtype, which selects the
-            // vectorized GEMV where the adapter uses it.
+            // kernels with 16-byte loads where the adapter uses them.
             let w8 = self.upload_weight(dtype, &[1, 8], bytes)?;
             self.matmul(&x_row8, &w8, None)?;
+            self.matmul(&x_rows8, &w8, None)?;
             self.mul_weight(&x, &v)?;
         }
 

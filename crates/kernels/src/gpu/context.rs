@@ -509,6 +509,14 @@ impl Context {
         self.device.create_command_encoder(&Default::default())
     }
 
+    /// Blocks until the queue is idle.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::wait_indefinitely())
+            .map(|_| ())
+            .map_err(|err| KernelError::Gpu(format!("waiting for the device failed: {err}")))
+    }
+
     pub fn submit(&self, encoder: wgpu::CommandEncoder) {
         self.queue.submit([encoder.finish()]);
     }

@@ -119,21 +119,25 @@ impl GpuBackend {
         };
 
         // The GEMV variant follows the prefill kernel: adapters that favour workgroup memory also
-        // favour a workgroup cooperating on each output element.
+        // favour a workgroup cooperating on each output element. The kernels with 16-byte loads need
+        // every weight row, and so every x row, to start on a 16-byte boundary.
         let use_gemv = m <= self.gemv_max_rows;
+        let rows_aligned = (k * w.dtype().size_in_bytes()).is_multiple_of(16);
+        let vec4 = self.vec4_loads && rows_aligned;
         let (pipelines, block) = match (use_gemv, self.matmul_kernel) {
-            // 16-byte weight loads need every weight row to start on a 16-byte boundary.
-            (true, MatmulKernel::RegisterBlocked)
-                if (k * w.dtype().size_in_bytes()).is_multiple_of(16) =>
-            {
-                (&self.pipelines.gemv_vec4, 64)
-            }
             (true, MatmulKernel::RegisterBlocked) => (&self.pipelines.gemv, 64),
             (true, MatmulKernel::Tiled) => (&self.pipelines.gemv_coop, 1),
             (false, MatmulKernel::RegisterBlocked) => (&self.pipelines.matmul_reg4x4, 32),
             (false, MatmulKernel::Tiled) => (&self.pipelines.matmul_tiled, 16),
         };
-        let pipeline = pipelines.get(w.dtype());
+        let vec4_variant = match (use_gemv, self.matmul_kernel) {
+            // 4 columns per invocation in workgroups of 64.
+            (true, MatmulKernel::RegisterBlocked) if vec4 => Some((&self.pipelines.gemv_vec4, 256)),
+            (false, MatmulKernel::RegisterBlocked) if vec4 => {
+                Some((&self.pipelines.matmul_vec4, 32))
+            }
+            _ => None,
+        };
 
         // Windows of whole rows must fit both x (row length k) and the output (row length n).
         let x_runs = self.ctx.row_windows(op, m, k)?;
@@ -145,6 +149,13 @@ impl GpuBackend {
             let mc = rows_per_run.min(m - m0);
             let x_window = self.ctx.window(op, x_buffer, m0 * k, mc * k)?;
             let out_window = self.ctx.window(op, out_buffer, m0 * n, mc * n)?;
+            // The vec4 kernels index x in whole vectors, so the window must start on one.
+            let (pipeline, block) = match vec4_variant {
+                Some((vec4_pipelines, vec4_block)) if x_window.base.is_multiple_of(4) => {
+                    (vec4_pipelines.get(w.dtype()), vec4_block)
+                }
+                _ => (pipelines.get(w.dtype()), block),
+            };
             for chunk in chunks {
                 let w_window = self.ctx.whole(op, &chunk.buffer)?;
                 let params = [
@@ -199,6 +210,96 @@ impl GpuBackend {
                 ),
             }),
             None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The kernels with 16-byte loads against the reference matmul, at shapes the integration tests
+    //! leave out: partial 4-column groups of the GEMV, more than one GEMV workgroup, and x bound in
+    //! several windows next to a chunked weight.
+
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::super::{GpuBackend, GpuOptions, MatmulKernel};
+    use crate::{Backend, DType, reference};
+
+    fn backend(vec4_loads: bool, max_binding_bytes: Option<u64>) -> GpuBackend {
+        let options = GpuOptions {
+            matmul_kernel: Some(MatmulKernel::RegisterBlocked),
+            vec4_loads,
+            max_binding_bytes,
+            warm_up: false,
+            ..GpuOptions::default()
+        };
+        GpuBackend::new(options).expect("a GPU adapter (install mesa-vulkan-drivers)")
+    }
+
+    fn random(rng: &mut StdRng, len: usize) -> Vec<f32> {
+        (0..len).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    /// Checks `x · wᵀ + bias` on `gpu` for every dtype against the reference on the rounded weights.
+    #[track_caller]
+    fn check(gpu: &GpuBackend, m: usize, k: usize, n: usize, label: &str) {
+        let mut rng = StdRng::seed_from_u64((m * 1_000_003 + k * 1009 + n) as u64);
+        for dtype in [DType::F32, DType::F16, DType::BF16] {
+            let x = random(&mut rng, m * k);
+            let w_bytes = reference::f32_to_weight_bytes(dtype, &random(&mut rng, n * k));
+            let bias_bytes = reference::f32_to_weight_bytes(dtype, &random(&mut rng, n));
+            let w = reference::weight_to_f32(dtype, &w_bytes);
+            let bias = reference::weight_to_f32(dtype, &bias_bytes);
+            let expected = reference::matmul(&x, &w, Some(&bias), m, k, n);
+
+            let x = gpu.upload(&x, &[m, k]).unwrap();
+            let w = gpu.upload_weight(dtype, &[n, k], &w_bytes).unwrap();
+            let bias = gpu.upload_weight(dtype, &[n], &bias_bytes).unwrap();
+            let actual = gpu.read(&gpu.matmul(&x, &w, Some(&bias)).unwrap()).unwrap();
+
+            assert_eq!(actual.len(), expected.len(), "{label} {dtype} {m}x{k}x{n}");
+            for (i, (a, e)) in actual.iter().zip(&expected).enumerate() {
+                let bound = 1e-4 * e.abs().max(1.0);
+                assert!(
+                    (a - e).abs() <= bound,
+                    "{label} {dtype} {m}x{k}x{n} [{i}]: got {a}, expected {e}"
+                );
+            }
+        }
+    }
+
+    /// (m, k, n) with k a multiple of 8, so every dtype takes the 16-byte-load kernels.
+    const ALIGNED_CASES: [(usize, usize, usize); 5] = [
+        (1, 16, 7),
+        (1, 8, 301),
+        (6, 16, 9),
+        (37, 24, 41),
+        (33, 32, 64),
+    ];
+
+    #[test]
+    fn vec4_kernels_match_reference() {
+        let gpu = backend(true, None);
+        for (m, k, n) in ALIGNED_CASES {
+            check(&gpu, m, k, n, "vec4 loads");
+        }
+    }
+
+    #[test]
+    fn scalar_kernels_match_reference() {
+        let gpu = backend(false, None);
+        for (m, k, n) in ALIGNED_CASES {
+            check(&gpu, m, k, n, "scalar loads");
+        }
+    }
+
+    #[test]
+    fn vec4_kernels_match_reference_in_windows() {
+        // 1 KiB bindings: the weight splits into row chunks and x into windows of whole rows.
+        let gpu = backend(true, Some(1024));
+        for (m, k, n) in [(1, 16, 70), (40, 16, 50), (9, 24, 13)] {
+            check(&gpu, m, k, n, "vec4 loads, 1 KiB bindings");
         }
     }
 }

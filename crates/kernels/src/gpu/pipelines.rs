@@ -21,6 +21,7 @@ pub(super) const SHADER_FILES: &[(&str, &str)] = &[
     shader!("embedding.wgsl"),
     shader!("gemv.wgsl"),
     shader!("matmul.wgsl"),
+    shader!("matmul_vec4.wgsl"),
     shader!("norm.wgsl"),
     shader!("rope.wgsl"),
     shader!("rows.wgsl"),
@@ -55,6 +56,7 @@ impl PerDType {
 pub(super) struct Pipelines {
     pub embedding: PerDType,
     pub matmul_reg4x4: PerDType,
+    pub matmul_vec4: PerDType,
     pub matmul_tiled: PerDType,
     pub gemv: PerDType,
     pub gemv_coop: PerDType,
@@ -131,6 +133,7 @@ impl Pipelines {
         Self {
             embedding: b.per_dtype("embedding.wgsl", "embedding", "DTYPE"),
             matmul_reg4x4: b.per_dtype("matmul.wgsl", "matmul_reg4x4", "W_DTYPE"),
+            matmul_vec4: b.per_dtype("matmul_vec4.wgsl", "matmul_vec4", "W_DTYPE"),
             matmul_tiled: b.per_dtype("matmul.wgsl", "matmul_tiled", "W_DTYPE"),
             gemv: b.per_dtype("matmul.wgsl", "gemv", "W_DTYPE"),
             gemv_coop: b.per_dtype("matmul.wgsl", "gemv_coop", "W_DTYPE"),

@@ -1,0 +1,165 @@
+// Register-blocked matrix multiplication `out = x · wᵀ (+ bias)` with 16-byte loads along k, for CPU
+// adapters such as lavapipe.
+//
+// Bindings (group 0), as in matmul.wgsl except for the element types of x and w:
+//   0  x      array<vec4<f32>>  read        activations [m, k]; element `x_base` of the binding (a
+//                                           multiple of 4) is x[0, 0]
+//   1  w      array<vec4<u32>>  read        one row chunk of the weight, rows n0 .. n0 + nc of [n, k];
+//                                           f32 as bits (4 per vec4), f16/bf16 packed two per u32 (8 per
+//                                           vec4, low half first)
+//   2  bias   array<u32>        read        bias [n] in the dtype given by `bias_mode` (a dummy when 0)
+//   3  out    array<f32>        read_write  [m, n], starting at element `out_base`; columns n0 .. n0 + nc
+//   4  p      Params            uniform
+// Override W_DTYPE selects the weight dtype: 0 f32, 1 f16, 2 bf16. Every row of x and w must start on
+// a 16-byte boundary: k a multiple of 4 (f32) or 8 (f16, bf16); the host uses matmul_reg4x4 otherwise.
+//
+// Each invocation computes a 4×4 output block. lavapipe runs 8 invocations per SIMD vector and turns
+// every load whose address differs between them into per-lane scalar loads, so the block reads each
+// 16-byte vector once and reuses it four times.
+//
+// Dispatch: workgroup 8×8, (ceil(nc / 32), ceil(m / 32), 1).
+
+override W_DTYPE: u32 = 0u;
+
+struct Params {
+    m: u32,
+    n: u32,
+    k: u32,
+    n0: u32,
+    nc: u32,
+    x_base: u32,
+    out_base: u32,
+    // 0: no bias, 1: f32, 2: f16, 3: bf16.
+    bias_mode: u32,
+}
+
+@group(0) @binding(0) var<storage, read> x: array<vec4<f32>>;
+@group(0) @binding(1) var<storage, read> w: array<vec4<u32>>;
+@group(0) @binding(2) var<storage, read> bias: array<u32>;
+@group(0) @binding(3) var<storage, read_write> out: array<f32>;
+@group(0) @binding(4) var<uniform> p: Params;
+
+fn load_bias(j: u32) -> f32 {
+    if p.bias_mode == 0u {
+        return 0.0;
+    }
+    if p.bias_mode == 1u {
+        return bitcast<f32>(bias[j]);
+    }
+    let word = bias[j >> 1u];
+    let odd = (j & 1u) == 1u;
+    if p.bias_mode == 2u {
+        let pair = unpack2x16float(word);
+        return select(pair.x, pair.y, odd);
+    }
+    return bitcast<f32>(select(word << 16u, word & 0xffff0000u, odd));
+}
+
+// Elements 0, 2, 4, 6 (the low halves) of 8 packed f16 or bf16 values.
+fn unpack_low(q: vec4<u32>) -> vec4<f32> {
+    if W_DTYPE == 1u {
+        return vec4<f32>(
+            unpack2x16float(q.x).x,
+            unpack2x16float(q.y).x,
+            unpack2x16float(q.z).x,
+            unpack2x16float(q.w).x,
+        );
+    }
+    return bitcast<vec4<f32>>(q << vec4<u32>(16u));
+}
+
+// Elements 1, 3, 5, 7 (the high halves) of 8 packed f16 or bf16 values.
+fn unpack_high(q: vec4<u32>) -> vec4<f32> {
+    if W_DTYPE == 1u {
+        return vec4<f32>(
+            unpack2x16float(q.x).y,
+            unpack2x16float(q.y).y,
+            unpack2x16float(q.z).y,
+            unpack2x16float(q.w).y,
+        );
+    }
+    return bitcast<vec4<f32>>(q & vec4<u32>(0xffff0000u));
+}
+
+// Adds the products of four x rows with four weight rows over four k positions: `xs[i]` holds row i
+// and `ws[j]` weight row j at the same k positions.
+fn accumulate(acc: ptr<function, array<vec4<f32>, 4>>, xs: array<vec4<f32>, 4>, ws: array<vec4<f32>, 4>) {
+    // Columns of the transposed weight block: wt[kk][j] = ws[j][kk].
+    let wt0 = vec4<f32>(ws[0].x, ws[1].x, ws[2].x, ws[3].x);
+    let wt1 = vec4<f32>(ws[0].y, ws[1].y, ws[2].y, ws[3].y);
+    let wt2 = vec4<f32>(ws[0].z, ws[1].z, ws[2].z, ws[3].z);
+    let wt3 = vec4<f32>(ws[0].w, ws[1].w, ws[2].w, ws[3].w);
+    for (var i = 0u; i < 4u; i++) {
+        let xv = xs[i];
+        (*acc)[i] += xv.x * wt0 + xv.y * wt1 + xv.z * wt2 + xv.w * wt3;
+    }
+}
+
+@compute @workgroup_size(8, 8, 1)
+fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
+    let r0 = gid.y * 4u;
+    let c0 = gid.x * 4u;
+    if r0 >= p.m || c0 >= p.nc {
+        return;
+    }
+
+    // Out-of-range rows and columns are clamped to the last valid one and never stored, so the inner
+    // loop needs no branches. Indices count vec4 elements.
+    let xk = p.k / 4u;
+    var xr: array<u32, 4>;
+    var wr: array<u32, 4>;
+    let wk = select(p.k / 8u, p.k / 4u, W_DTYPE == 0u);
+    for (var i = 0u; i < 4u; i++) {
+        xr[i] = p.x_base / 4u + min(r0 + i, p.m - 1u) * xk;
+        wr[i] = min(c0 + i, p.nc - 1u) * wk;
+    }
+
+    var acc: array<vec4<f32>, 4>;
+    if W_DTYPE == 0u {
+        for (var t = 0u; t < wk; t++) {
+            let xs = array<vec4<f32>, 4>(x[xr[0] + t], x[xr[1] + t], x[xr[2] + t], x[xr[3] + t]);
+            let ws = array<vec4<f32>, 4>(
+                bitcast<vec4<f32>>(w[wr[0] + t]),
+                bitcast<vec4<f32>>(w[wr[1] + t]),
+                bitcast<vec4<f32>>(w[wr[2] + t]),
+                bitcast<vec4<f32>>(w[wr[3] + t]),
+            );
+            accumulate(&acc, xs, ws);
+        }
+    } else {
+        for (var t = 0u; t < wk; t++) {
+            // The 8 x values of each row split into the even positions (low halves of the packed
+            // weights) and the odd positions (high halves).
+            var x_even: array<vec4<f32>, 4>;
+            var x_odd: array<vec4<f32>, 4>;
+            for (var i = 0u; i < 4u; i++) {
+                let a = x[xr[i] + 2u * t];
+                let b = x[xr[i] + 2u * t + 1u];
+                x_even[i] = vec4<f32>(a.x, a.z, b.x, b.z);
+                x_odd[i] = vec4<f32>(a.y, a.w, b.y, b.w);
+            }
+            let q = array<vec4<u32>, 4>(w[wr[0] + t], w[wr[1] + t], w[wr[2] + t], w[wr[3] + t]);
+            accumulate(
+                &acc,
+                x_even,
+                array<vec4<f32>, 4>(unpack_low(q[0]), unpack_low(q[1]), unpack_low(q[2]), unpack_low(q[3])),
+            );
+            accumulate(
+                &acc,
+                x_odd,
+                array<vec4<f32>, 4>(unpack_high(q[0]), unpack_high(q[1]), unpack_high(q[2]), unpack_high(q[3])),
+            );
+        }
+    }
+
+    for (var i = 0u; i < 4u; i++) {
+        if r0 + i < p.m {
+            for (var j = 0u; j < 4u; j++) {
+                if c0 + j < p.nc {
+                    let col = p.n0 + c0 + j;
+                    out[p.out_base + (r0 + i) * p.n + col] = acc[i][j] + load_bias(col);
+                }
+            }
+        }
+    }
+}
