@@ -167,8 +167,43 @@ fn chat_unknown_role_lists_valid_roles() {
 #[test]
 fn decode_ids_beyond_tokenizer_vocabulary() {
     // The model's d_vocab (151936) exceeds the tokenizer's 151665 tokens; a model can still predict
-    // those padding rows, and decoding must not fail on them.
-    let tokenizer = tokenizer();
+    // those padding rows, and decoding must not fail on them. tiny-gqa's config.json gives d_vocab.
+    let tokenizer = Tokenizer::from_dir(fixture_model("tiny-gqa")).unwrap();
     let text = tokenizer.decode(&[9707, 151700, 1879]).unwrap();
     assert_eq!(text, "Hello world");
+}
+
+#[test]
+fn decode_ids_beyond_model_vocabulary_is_error() {
+    let model_tokenizer = Tokenizer::from_dir(fixture_model("tiny-gqa")).unwrap();
+    let error = model_tokenizer
+        .decode(&[9707, 999_999])
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("token id 999999"), "{error}");
+    assert!(error.contains("151665"), "{error}");
+    assert!(error.contains("vocab_size of 151936"), "{error}");
+    assert!(model_tokenizer.tokens(&[999_999]).is_err());
+
+    // Without config.json the tokenizer knows no padding rows, so decode rejects what tokens does.
+    let error = tokenizer().decode(&[151_700]).unwrap_err().to_string();
+    assert!(error.contains("token id 151700"), "{error}");
+}
+
+#[test]
+fn long_chat_renders_within_template_fuel() {
+    let tokenizer = tokenizer();
+    let content = "a sentence of ordinary length, repeated to fill the context. ".repeat(20);
+    let messages: Vec<ChatMessage> = (0..2000)
+        .map(|index| {
+            if index % 2 == 0 {
+                ChatMessage::user(content.clone())
+            } else {
+                ChatMessage::assistant(content.clone())
+            }
+        })
+        .collect();
+
+    let prompt = tokenizer.apply_chat_template(&messages, true).unwrap();
+    assert_eq!(prompt.matches("<|im_start|>user").count(), 1000);
 }

@@ -4,11 +4,12 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use qwenlens_tests::fixture_model;
-use qwenlens_weights::{Checkpoint, HubSettings, ModelSource, Tokenizer};
+use qwenlens_weights::{Checkpoint, HubSettings, ModelSource, Tokenizer, WeightsError};
 
 const COMMIT: &str = "fedcba9876543210fedcba9876543210fedcba98";
 
@@ -21,6 +22,11 @@ struct FakeHub {
 
 impl FakeHub {
     fn start() -> Self {
+        Self::start_with_models(None)
+    }
+
+    /// A fake hub that looks for `test-org/<name>` in `models/<name>` before the fixture models.
+    fn start_with_models(models: Option<PathBuf>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -29,10 +35,21 @@ impl FakeHub {
         std::thread::spawn(move || {
             for stream in listener.incoming().flatten() {
                 let log = Arc::clone(&log);
-                std::thread::spawn(move || serve(stream, &log));
+                let models = models.clone();
+                std::thread::spawn(move || serve(stream, &log, models.as_deref()));
             }
         });
         Self { endpoint, requests }
+    }
+
+    fn request_count(&self, file: &str) -> usize {
+        let suffix = format!("/resolve/main/{file}");
+        self.requests
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|path| path.ends_with(&suffix))
+            .count()
     }
 
     fn requested(&self, file: &str) -> bool {
@@ -46,7 +63,7 @@ impl FakeHub {
 }
 
 /// Serves one HTTP/1.1 request and closes the connection.
-fn serve(mut stream: TcpStream, log: &Mutex<Vec<String>>) {
+fn serve(mut stream: TcpStream, log: &Mutex<Vec<String>>, models: Option<&Path>) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     reader.read_line(&mut request_line).unwrap();
@@ -70,7 +87,7 @@ fn serve(mut stream: TcpStream, log: &Mutex<Vec<String>>) {
     }
     log.lock().unwrap().push(path.clone());
 
-    let Some(file) = fixture_file(&path) else {
+    let Some(file) = fixture_file(&path, models) else {
         let body = "Entry not found";
         let head = format!(
             "HTTP/1.1 404 Not Found\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
@@ -101,11 +118,17 @@ fn serve(mut stream: TcpStream, log: &Mutex<Vec<String>>) {
     stream.write_all(body).unwrap();
 }
 
-/// The fixture file for `/test-org/<model>/resolve/main/<file>`, if it exists.
-fn fixture_file(path: &str) -> Option<PathBuf> {
+/// The file for `/test-org/<model>/resolve/main/<file>` in `models` or the fixture models, if it
+/// exists.
+fn fixture_file(path: &str, models: Option<&Path>) -> Option<PathBuf> {
     let rest = path.strip_prefix("/test-org/")?;
     let (model, rest) = rest.split_once('/')?;
     let file = rest.strip_prefix("resolve/main/")?;
+    if let Some(candidate) = models.map(|models| models.join(model).join(file))
+        && candidate.is_file()
+    {
+        return Some(candidate);
+    }
     let candidate = fixture_model(model).join(file);
     candidate.is_file().then_some(candidate)
 }
@@ -115,6 +138,7 @@ fn online(cache: &tempfile::TempDir, hub: &FakeHub) -> HubSettings {
         cache_dir: cache.path().to_path_buf(),
         offline: false,
         endpoint: hub.endpoint.clone(),
+        download_timeout: Duration::from_secs(10),
     }
 }
 
@@ -193,4 +217,122 @@ fn download_unknown_model_is_error() {
     assert!(error.contains("test-org/no-such-model"), "{error}");
     assert!(error.contains("fetching config.json"), "{error}");
     assert!(error.contains("404"), "{error}");
+}
+
+#[test]
+fn download_rejects_index_pointing_outside() {
+    let models = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("pwned.txt");
+    let evil = models.path().join("evil");
+    std::fs::create_dir(&evil).unwrap();
+    std::fs::copy(
+        fixture_model("tiny-untied-sharded").join("config.json"),
+        evil.join("config.json"),
+    )
+    .unwrap();
+    let escape = format!("../../../../../../../../..{}", target.display());
+    let index = serde_json::json!({
+        "metadata": {},
+        "weight_map": {
+            "model.embed_tokens.weight": "model-00001-of-00002.safetensors",
+            "model.norm.weight": escape,
+        }
+    });
+    std::fs::write(evil.join("model.safetensors.index.json"), index.to_string()).unwrap();
+    std::fs::write(
+        evil.join("model-00001-of-00002.safetensors"),
+        b"not fetched",
+    )
+    .unwrap();
+
+    let hub = FakeHub::start_with_models(Some(models.path().to_path_buf()));
+    let cache = tempfile::tempdir().unwrap();
+    let source = ModelSource::parse("test-org/evil", "main").unwrap();
+    let error = source.resolve_with(&online(&cache, &hub)).unwrap_err();
+
+    assert!(
+        matches!(error, WeightsError::InvalidIndex { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("not a plain file name"), "{message}");
+    assert!(message.contains("pwned.txt"), "{message}");
+    // No shard is fetched once one name is invalid, and nothing appears outside the cache.
+    assert!(!hub.requested("model-00001-of-00002.safetensors"));
+    assert!(!target.exists() && target.symlink_metadata().is_err());
+}
+
+#[test]
+fn download_refetches_missing_shard() {
+    let hub = FakeHub::start();
+    let cache = tempfile::tempdir().unwrap();
+    let source = ModelSource::parse("test-org/tiny-untied-sharded", "main").unwrap();
+    let shard = "model-00002-of-00002.safetensors";
+    let dir = source.resolve_with(&online(&cache, &hub)).unwrap();
+    assert_eq!(hub.request_count(shard), 2, "metadata and body requests");
+
+    // An interrupted download: the link and its blob are gone.
+    let blob = std::fs::canonicalize(dir.join(shard)).unwrap();
+    std::fs::remove_file(&blob).unwrap();
+    let offline = HubSettings {
+        offline: true,
+        ..online(&cache, &hub)
+    };
+    let error = source.resolve_with(&offline).unwrap_err();
+    assert!(
+        matches!(error, WeightsError::IncompleteSnapshot { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains(shard), "{message}");
+    assert!(message.contains("delete the folder"), "{message}");
+    assert!(message.contains("HF_HUB_OFFLINE"), "{message}");
+
+    // Online, the missing shard is fetched again and the model opens.
+    assert_eq!(source.resolve_with(&online(&cache, &hub)).unwrap(), dir);
+    assert_eq!(hub.request_count(shard), 4);
+    assert_eq!(Checkpoint::open(&dir).unwrap().files().len(), 2);
+}
+
+#[test]
+fn download_from_silent_server_times_out() {
+    // A server that accepts connections and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        let mut open = Vec::new();
+        for stream in listener.incoming().flatten() {
+            open.push(stream);
+        }
+    });
+
+    let cache = tempfile::tempdir().unwrap();
+    let settings = HubSettings {
+        cache_dir: cache.path().to_path_buf(),
+        offline: false,
+        endpoint,
+        download_timeout: Duration::from_millis(500),
+    };
+    let started = std::time::Instant::now();
+    let error = ModelSource::parse("test-org/tiny-gqa", "main")
+        .unwrap()
+        .resolve_with(&settings)
+        .unwrap_err();
+
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(error, WeightsError::HubUnavailable { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(
+        message.contains("fetching config.json timed out"),
+        "{message}"
+    );
+    assert!(message.contains("HF_HUB_DOWNLOAD_TIMEOUT"), "{message}");
 }

@@ -455,3 +455,158 @@ fn open_on_file_or_missing_folder_is_error() {
     let error = open_error(&missing);
     assert!(error.contains("the model folder does not exist"), "{error}");
 }
+
+/// The message of `error` followed by the messages of its sources, as anyhow's `{:#}` prints it.
+fn message_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+#[test]
+fn io_error_cause_printed_once() {
+    let path = fixtures_dir().join("no-such-chat.json");
+    let error = read_chat_file(&path).unwrap_err();
+    let chain = message_chain(&error);
+
+    assert!(chain.contains("no-such-chat.json"), "{chain}");
+    assert_eq!(chain.matches("os error 2").count(), 1, "{chain}");
+}
+
+#[test]
+fn json_error_cause_printed_once() {
+    let dir = copy_model("tiny-mha-f16");
+    edit_config(dir.path(), |config| {
+        config.insert("vocab_size".into(), "many".into());
+    });
+
+    let error = Checkpoint::open(dir.path()).unwrap_err();
+    let chain = message_chain(&error);
+    assert!(chain.contains("invalid JSON in"), "{chain}");
+    assert_eq!(chain.matches("invalid type").count(), 1, "{chain}");
+}
+
+#[test]
+fn bad_eos_token_id_names_expected_form() {
+    let dir = copy_model("tiny-mha-f16");
+    edit_config(dir.path(), |config| {
+        config.insert("eos_token_id".into(), "end".into());
+    });
+
+    let chain = message_chain(&Checkpoint::open(dir.path()).unwrap_err());
+    assert!(chain.contains("config.json"), "{chain}");
+    assert!(chain.contains("a token id"), "{chain}");
+    assert!(!chain.contains("untagged"), "{chain}");
+}
+
+#[test]
+fn zero_max_position_embeddings_is_error() {
+    let dir = copy_model("tiny-mha-f16");
+    edit_config(dir.path(), |config| {
+        config.insert("max_position_embeddings".into(), 0.into());
+    });
+
+    let error = open_error(dir.path());
+    assert!(error.contains("config.json"), "{error}");
+    assert!(error.contains("max_position_embeddings is 0"), "{error}");
+}
+
+#[test]
+fn special_token_ids_outside_vocabulary_are_errors() {
+    // tiny-mha-f16 has vocab_size 1000.
+    for (key, value) in [
+        ("eos_token_id", serde_json::json!(999_999_999)),
+        ("eos_token_id", serde_json::json!([5, 1000])),
+        ("bos_token_id", serde_json::json!(1000)),
+    ] {
+        let dir = copy_model("tiny-mha-f16");
+        edit_config(dir.path(), |config| {
+            config.insert(key.into(), value.clone());
+        });
+
+        let error = open_error(dir.path());
+        assert!(error.contains("config.json"), "{key} {value}: {error}");
+        assert!(error.contains(key), "{key} {value}: {error}");
+        assert!(
+            error.contains("outside the vocabulary (vocab_size 1000)"),
+            "{key} {value}: {error}"
+        );
+    }
+
+    let dir = copy_model("tiny-mha-f16");
+    fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": [151645]}"#,
+    )
+    .unwrap();
+    let error = open_error(dir.path());
+    assert!(error.contains("generation_config.json"), "{error}");
+    assert!(error.contains("eos_token_id 151645"), "{error}");
+}
+
+#[test]
+fn other_model_type_with_qwen2_architecture_loads() {
+    // A second marker naming another architecture only warns, as long as one marker is Qwen2.
+    let dir = copy_model("tiny-mha-f16");
+    edit_config(dir.path(), |config| {
+        config.insert("model_type".into(), "llama".into());
+    });
+    assert!(Checkpoint::open(dir.path()).is_ok());
+
+    let dir = copy_model("tiny-mha-f16");
+    edit_config(dir.path(), |config| {
+        config.insert(
+            "architectures".into(),
+            serde_json::json!(["LlamaForCausalLM"]),
+        );
+    });
+    assert!(Checkpoint::open(dir.path()).is_ok());
+}
+
+#[test]
+fn chat_file_with_byte_order_mark_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("chat.json");
+    fs::write(&path, "\u{feff}[{\"role\": \"user\", \"content\": \"hi\"}]").unwrap();
+
+    let messages = read_chat_file(&path).unwrap();
+    assert_eq!(messages.len(), 1);
+    assert_eq!(messages[0].content, "hi");
+}
+
+/// A folder with the Qwen2.5 tokenizer and a `tokenizer_config.json` holding `chat_template`.
+fn tokenizer_with_template(chat_template: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let source = fixtures_dir().join("tokenizer/qwen2.5/tokenizer.json");
+    fs::copy(source, dir.path().join("tokenizer.json")).unwrap();
+    let config = serde_json::json!({ "chat_template": chat_template });
+    fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn endless_chat_template_stops_with_error() {
+    let dir = tokenizer_with_template(
+        "{% for a in range(10000) %}{% for b in range(10000) %}{% for c in range(10000) %}\
+         {% endfor %}{% endfor %}{% endfor %}",
+    );
+    let tokenizer = Tokenizer::from_dir(dir.path()).unwrap();
+
+    let started = std::time::Instant::now();
+    let error = tokenizer
+        .apply_chat_template(&[qwenlens_weights::ChatMessage::user("hi")], true)
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("tokenizer_config.json"), "{error}");
+    assert!(error.contains("rendering stopped after"), "{error}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(60),
+        "the template ran for {:?}",
+        started.elapsed()
+    );
+}

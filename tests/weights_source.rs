@@ -4,6 +4,7 @@
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use qwenlens_tests::{fixture_model, standin_dir};
 use qwenlens_weights::{Checkpoint, HubSettings, ModelSource, Tokenizer, WeightsError};
@@ -34,6 +35,7 @@ fn offline(cache_dir: &Path) -> HubSettings {
         cache_dir: cache_dir.to_path_buf(),
         offline: true,
         endpoint: "https://huggingface.co".into(),
+        download_timeout: Duration::from_secs(10),
     }
 }
 
@@ -144,6 +146,7 @@ fn unreachable_hub_is_error() {
         cache_dir: cache.path().to_path_buf(),
         offline: false,
         endpoint: "http://127.0.0.1:1".into(),
+        download_timeout: Duration::from_secs(10),
     };
     let error = hub(REPO_ID, "main").resolve_with(&settings).unwrap_err();
     assert!(
@@ -153,7 +156,7 @@ fn unreachable_hub_is_error() {
 
     let message = error.to_string();
     assert!(message.contains("test-org/tiny-gqa"), "{message}");
-    assert!(message.contains("hub is not reachable"), "{message}");
+    assert!(message.contains("downloading it failed"), "{message}");
     assert!(message.contains("config.json"), "{message}");
     assert!(message.contains("pass a local folder"), "{message}");
 }
@@ -166,6 +169,7 @@ fn online_uses_cache_without_network() {
         cache_dir: cache.path().to_path_buf(),
         offline: false,
         endpoint: "http://127.0.0.1:1".into(),
+        download_timeout: Duration::from_secs(10),
     };
     assert!(hub(REPO_ID, "main").resolve_with(&settings).is_ok());
 }
@@ -182,4 +186,33 @@ fn standin_hub_cache_resolves_offline() {
 
     let checkpoint = Checkpoint::open(&dir).unwrap();
     assert_eq!(checkpoint.parameter_count(), 494_032_768);
+}
+
+#[test]
+fn parse_rejects_bad_revisions() {
+    for revision in [
+        "",
+        " ",
+        "../../etc",
+        "main/..",
+        "/main",
+        "a//b",
+        "has space",
+    ] {
+        let error = ModelSource::parse(REPO_ID, revision).unwrap_err();
+        assert!(
+            matches!(error, WeightsError::InvalidSource { .. }),
+            "{revision:?}: {error:?}"
+        );
+        let message = error.to_string();
+        assert!(message.contains("--revision"), "{revision:?}: {message}");
+    }
+    for revision in [
+        "main",
+        "v1.0",
+        "refs/pr/1",
+        "fedcba9876543210fedcba9876543210fedcba98",
+    ] {
+        assert!(ModelSource::parse(REPO_ID, revision).is_ok(), "{revision}");
+    }
 }

@@ -10,8 +10,15 @@ use clap::{Parser, Subcommand};
 #[derive(Parser)]
 #[command(name = "qwenlens", version, about, long_about = None)]
 struct Cli {
-    /// Log level filter (error, warn, info, debug, trace), or a tracing directive.
-    #[arg(long, global = true, default_value = "warn", env = "QWENLENS_LOG")]
+    /// Log level filter (off, error, warn, info, debug, trace), or comma-separated tracing
+    /// directives such as warn,qwenlens_weights=debug.
+    #[arg(
+        long,
+        global = true,
+        default_value = "warn",
+        env = "QWENLENS_LOG",
+        value_parser = parse_log_filter
+    )]
     log: String,
 
     #[command(subcommand)]
@@ -38,6 +45,33 @@ enum Command {
     ActivationPatch(cmd::activation_patch::Args),
     /// Logit lens and direct logit attribution of every head.
     LogitLens(cmd::logit_lens::Args),
+}
+
+/// Checks a `--log` filter. `EnvFilter` takes any bare word as a target name, so a misspelt level
+/// such as `warning` would silently show nothing; a bare word must therefore be a level.
+fn parse_log_filter(text: &str) -> Result<String, String> {
+    const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+
+    if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(text) {
+        return Err(format!(
+            "invalid filter ({error}); expected a level ({}) or directives such as \
+             warn,qwenlens_weights=debug",
+            LEVELS.join(", ")
+        ));
+    }
+    for directive in text.split(',').map(str::trim) {
+        let is_bare_word = !directive.is_empty() && !directive.contains(['=', '[', ':']);
+        let is_level = LEVELS.contains(&directive.to_ascii_lowercase().as_str())
+            || directive.parse::<u8>().is_ok_and(|number| number <= 5);
+        if is_bare_word && !is_level {
+            return Err(format!(
+                "{directive:?} is not a level; use one of {}, or TARGET=LEVEL to set the level \
+                 of one module, such as qwenlens_weights=debug",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    Ok(text.to_string())
 }
 
 fn main() -> std::process::ExitCode {

@@ -293,3 +293,148 @@ fn inspect_bad_device_is_error() {
     );
     assert!(error.contains("tpu"), "{error}");
 }
+
+/// Runs `qwenlens` with stdout written to `/dev/full`, so every write fails.
+fn qwenlens_to_full_disk(args: &[&str]) -> Output {
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .expect("opening /dev/full");
+    Command::new(env!("CARGO_BIN_EXE_qwenlens"))
+        .args(args)
+        .stdout(full)
+        .output()
+        .expect("running qwenlens")
+}
+
+#[test]
+fn failed_stdout_write_is_error() {
+    let model = fixture_model("tiny-gqa");
+    for args in [
+        vec!["tokenize", "--model", &model, "--text", "Hello"],
+        vec!["inspect", "--model", &model],
+        vec!["inspect", "--model", &model, "--json"],
+    ] {
+        let output = qwenlens_to_full_disk(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.contains("to stdout"), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("No space left on device"),
+            "{args:?}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn invalid_log_filter_is_error() {
+    let model = fixture_model("tiny-gqa");
+    for (filter, expected) in [
+        ("bogus", "\"bogus\" is not a level"),
+        ("warning", "\"warning\" is not a level"),
+        ("foo=[", "invalid filter"),
+    ] {
+        let stderr = failure_message(
+            &[
+                "--log", filter, "tokenize", "--model", &model, "--text", "a",
+            ],
+            &[],
+        );
+        assert!(stderr.contains(expected), "{filter}: {stderr}");
+        assert!(stderr.contains("--log"), "{filter}: {stderr}");
+    }
+    for filter in [
+        "debug",
+        "off",
+        "warn,qwenlens_weights=debug",
+        "qwenlens_weights::source",
+        "3",
+    ] {
+        let output = qwenlens(
+            &[
+                "--log", filter, "tokenize", "--model", &model, "--text", "a",
+            ],
+            &[],
+        );
+        assert!(
+            output.status.success(),
+            "{filter}: {}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+}
+
+#[test]
+fn device_help_says_unused() {
+    for command in ["tokenize", "inspect"] {
+        let output = qwenlens(&[command, "--help"], &[]);
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{command}");
+        assert!(
+            help.contains("Accepted for uniformity") && help.contains("unused"),
+            "{command}: {help}"
+        );
+    }
+}
+
+#[test]
+fn inspect_without_eos_says_none() {
+    let output = qwenlens(&["inspect", "--model", &fixture_model("tiny-mha-f16")], &[]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout
+        .lines()
+        .find(|line| line.starts_with("eos_token_ids"))
+        .expect("an eos_token_ids line");
+    assert!(line.contains("none"), "{line}");
+}
+
+#[test]
+fn inspect_warns_on_other_architecture() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("cli-inspect-llama-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = fixtures_dir().join("models/tiny-mha-f16");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(source.join("config.json")).unwrap())
+            .unwrap();
+    config["model_type"] = "llama".into();
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    std::fs::copy(
+        source.join("model.safetensors"),
+        dir.join("model.safetensors"),
+    )
+    .unwrap();
+
+    let output = qwenlens(&["inspect", "--model", dir.to_str().unwrap()], &[]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("WARN"), "{stderr}");
+    assert!(
+        stderr.contains("names an architecture other than Qwen2"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn tokenize_chat_file_with_byte_order_mark() {
+    let chat = temp_file(
+        "bom-chat.json",
+        "\u{feff}[{\"role\": \"user\", \"content\": \"Hello\"}]",
+    );
+    let output = qwenlens_json(
+        &[
+            "tokenize",
+            "--model",
+            &fixture_model("tiny-gqa"),
+            "--chat",
+            chat.to_str().unwrap(),
+        ],
+        &[],
+    );
+    assert!(
+        output["prompt"].as_str().unwrap().contains("Hello"),
+        "{output}"
+    );
+}

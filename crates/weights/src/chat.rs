@@ -85,7 +85,9 @@ pub fn parse_chat_json(text: &str) -> Result<Vec<ChatMessage>> {
 pub fn read_chat_file(path: impl AsRef<Path>) -> Result<Vec<ChatMessage>> {
     let path = path.as_ref();
     let text = std::fs::read_to_string(path).map_err(|error| WeightsError::io(path, error))?;
-    parse_chat_json_from(&text, Some(path))
+    // Windows editors often start UTF-8 files with a byte order mark, which JSON does not allow.
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    parse_chat_json_from(text, Some(path))
 }
 
 fn parse_chat_json_from(text: &str, source_name: Option<&Path>) -> Result<Vec<ChatMessage>> {
@@ -261,9 +263,17 @@ impl ChatTemplate {
     }
 
     fn error(&self, error: minijinja::Error) -> WeightsError {
+        let message = if error.kind() == ErrorKind::OutOfFuel {
+            format!(
+                "rendering stopped after {TEMPLATE_FUEL} steps, far more than a chat template \
+                 needs; check chat_template for a loop that runs too long ({error})"
+            )
+        } else {
+            format!("rendering failed: {error:#}")
+        };
         WeightsError::ChatTemplate {
             path: self.path.clone(),
-            message: format!("rendering failed: {error:#}"),
+            message,
         }
     }
 }
@@ -278,11 +288,17 @@ fn special_token_text(value: Option<&serde_json::Value>) -> Option<String> {
     }
 }
 
+/// The most minijinja fuel (about one unit per instruction and per 64 bytes of data) that one
+/// render of a chat template may use. It bounds the time of a template that loops too long; the
+/// Qwen2 template renders a chat of 2000 messages of 1200 characters each within it.
+const TEMPLATE_FUEL: u64 = 50_000_000;
+
 /// A Jinja environment configured as transformers configures its chat-template sandbox
 /// (transformers 4.4x–5.x): `trim_blocks`, `lstrip_blocks`, loop controls, Python string methods,
 /// `raise_exception`, and a `tojson` without HTML escaping.
 fn template_environment() -> Environment<'static> {
     let mut env = Environment::new();
+    env.set_fuel(Some(TEMPLATE_FUEL));
 
     let syntax = minijinja::syntax::SyntaxConfig::builder()
         .trim_blocks(true)

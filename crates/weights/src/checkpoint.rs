@@ -73,6 +73,8 @@ impl Checkpoint {
             GenerationConfig::default()
         };
 
+        check_token_ids(&generation_config, &generation_path, config.vocab_size)?;
+
         let (files, locations) = map_weight_files(dir)?;
         let mut checkpoint = Self {
             dir: dir.to_path_buf(),
@@ -289,6 +291,40 @@ impl std::fmt::Debug for Checkpoint {
     }
 }
 
+/// Checks that the special token ids of `generation_config.json` lie inside the vocabulary.
+fn check_token_ids(
+    generation_config: &GenerationConfig,
+    path: &Path,
+    vocab_size: usize,
+) -> Result<()> {
+    let named_ids = generation_config
+        .eos_token_ids
+        .iter()
+        .map(|&id| ("eos_token_id", id))
+        .chain(
+            generation_config
+                .bos_token_id
+                .map(|id| ("bos_token_id", id)),
+        )
+        .chain(
+            generation_config
+                .pad_token_id
+                .map(|id| ("pad_token_id", id)),
+        );
+    for (key, id) in named_ids {
+        if id as usize >= vocab_size {
+            return Err(WeightsError::InvalidConfig {
+                path: path.to_path_buf(),
+                message: format!(
+                    "{key} {id} is outside the vocabulary of vocab_size {vocab_size} tokens \
+                     (config.json); fix or remove the key"
+                ),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Maps the weight files of `dir`: the shards of `model.safetensors.index.json` when it exists,
 /// else `model.safetensors`. Returns the files and each tensor's file index.
 fn map_weight_files(dir: &Path) -> Result<(Vec<SafetensorsFile>, HashMap<String, usize>)> {
@@ -334,7 +370,7 @@ fn map_weight_files(dir: &Path) -> Result<(Vec<SafetensorsFile>, HashMap<String,
     let mut shard_of: HashMap<&str, usize> = HashMap::new();
     for shard_name in shard_names {
         let relative = Path::new(shard_name);
-        if relative.components().count() != 1 || relative.is_absolute() {
+        if !crate::source::is_plain_file_name(shard_name) {
             return Err(invalid(format!(
                 "shard {shard_name:?} is not a plain file name inside the model folder"
             )));

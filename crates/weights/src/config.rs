@@ -8,7 +8,10 @@ use crate::error::{Result, WeightsError};
 
 /// A token id or a list of them, as `eos_token_id` is written in Hugging Face configs.
 #[derive(Deserialize)]
-#[serde(untagged)]
+#[serde(
+    untagged,
+    expecting = "a token id (a non-negative integer) or a list of token ids"
+)]
 enum OneOrMany {
     One(u32),
     Many(Vec<u32>),
@@ -132,6 +135,24 @@ impl Qwen2Config {
                 raw.model_type, raw.architectures
             )));
         }
+        // One Qwen2 marker is enough to load the model, but a second marker naming another
+        // architecture suggests a converted or mislabelled checkpoint whose outputs may be wrong.
+        let other_type = raw.model_type.as_deref().filter(|kind| *kind != "qwen2");
+        let other_archs: Vec<&str> = raw
+            .architectures
+            .iter()
+            .flatten()
+            .map(String::as_str)
+            .filter(|arch| *arch != "Qwen2ForCausalLM")
+            .collect();
+        if other_type.is_some() || !other_archs.is_empty() {
+            tracing::warn!(
+                path = %path.display(),
+                model_type = ?raw.model_type,
+                architectures = ?raw.architectures,
+                "config.json names an architecture other than Qwen2; loading it as Qwen2"
+            );
+        }
 
         let required = |value: Option<usize>, key: &str| -> Result<usize> {
             match value {
@@ -252,6 +273,27 @@ impl Qwen2Config {
             )));
         }
 
+        let max_position_embeddings = match raw.max_position_embeddings {
+            None => 32768,
+            value => required(value, "max_position_embeddings")?,
+        };
+        let eos_token_ids = raw
+            .eos_token_id
+            .map(OneOrMany::into_vec)
+            .unwrap_or_default();
+        let named_ids = eos_token_ids
+            .iter()
+            .map(|&id| ("eos_token_id", id))
+            .chain(raw.bos_token_id.map(|id| ("bos_token_id", id)));
+        for (key, id) in named_ids {
+            if id as usize >= vocab_size {
+                return Err(invalid(format!(
+                    "{key} {id} is outside the vocabulary (vocab_size {vocab_size}); expected an \
+                     id below {vocab_size}"
+                )));
+            }
+        }
+
         let rms_norm_eps = raw.rms_norm_eps.unwrap_or(1e-6);
         if !(rms_norm_eps.is_finite() && rms_norm_eps >= 0.0) {
             return Err(invalid(format!(
@@ -269,14 +311,11 @@ impl Qwen2Config {
             vocab_size,
             rope_theta,
             rms_norm_eps,
-            max_position_embeddings: raw.max_position_embeddings.unwrap_or(32768),
+            max_position_embeddings,
             // transformers' Qwen2Config defaults tie_word_embeddings to false.
             tie_word_embeddings: raw.tie_word_embeddings.unwrap_or(false),
             bos_token_id: raw.bos_token_id,
-            eos_token_ids: raw
-                .eos_token_id
-                .map(OneOrMany::into_vec)
-                .unwrap_or_default(),
+            eos_token_ids,
             torch_dtype: raw.torch_dtype.or(raw.dtype),
         })
     }

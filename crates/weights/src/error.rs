@@ -11,8 +11,9 @@ pub type Result<T, E = WeightsError> = std::result::Result<T, E>;
 /// the user what to fix.
 #[derive(Debug, thiserror::Error)]
 pub enum WeightsError {
-    /// A file could not be opened or read.
-    #[error("failed to read {path}: {source}")]
+    /// A file could not be opened or read. The message leaves the cause to `source()`, so print
+    /// the error with its chain (`{:#}` under anyhow) to see it.
+    #[error("failed to read {path}")]
     Io {
         /// The file.
         path: PathBuf,
@@ -30,8 +31,9 @@ pub enum WeightsError {
         hint: String,
     },
 
-    /// A JSON file is not valid JSON or does not have the expected structure.
-    #[error("invalid JSON in {path}: {source}")]
+    /// A JSON file is not valid JSON or does not have the expected structure. The parser's error
+    /// is the `source()`.
+    #[error("invalid JSON in {path}")]
     Json {
         /// The file.
         path: PathBuf,
@@ -129,10 +131,11 @@ pub enum WeightsError {
         cache_dir: PathBuf,
     },
 
-    /// A hub model is neither cached nor downloadable.
+    /// A hub model is not (completely) in the cache and downloading it failed: the hub was not
+    /// reachable, answered with an error, timed out or broke off a transfer.
     #[error(
-        "model {id} (revision {revision}) is not in the Hugging Face cache at {cache_dir} and the \
-         hub is not reachable ({message}); check the network and the id, download the model on a \
+        "model {id} (revision {revision}) is not in the Hugging Face cache at {cache_dir}, and \
+         downloading it failed: {message}; check the network and the id, download the model on a \
          connected machine into that cache, or pass a local folder to --model"
     )]
     HubUnavailable {
@@ -144,6 +147,24 @@ pub enum WeightsError {
         cache_dir: PathBuf,
         /// The download error.
         message: String,
+    },
+
+    /// A cached hub snapshot lacks a file that its shard index lists, and the hub may not be
+    /// contacted to fetch it again.
+    #[error(
+        "the cached snapshot {dir} of model {id} (revision {revision}) is incomplete: {missing} is \
+         missing (an interrupted download?); delete the folder {dir} and download the model again, \
+         or unset HF_HUB_OFFLINE so that the missing file is fetched"
+    )]
+    IncompleteSnapshot {
+        /// The hub id.
+        id: String,
+        /// The requested revision.
+        revision: String,
+        /// The snapshot folder.
+        dir: PathBuf,
+        /// The missing file name.
+        missing: String,
     },
 
     /// A model source string is neither an existing folder nor a valid hub id.

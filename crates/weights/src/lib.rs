@@ -17,7 +17,7 @@ pub use config::{GenerationConfig, Qwen2Config};
 pub use dtype::DType;
 pub use error::{Result, WeightsError};
 pub use safetensors::{MAX_HEADER_BYTES, TensorView};
-pub use source::{HubSettings, ModelSource};
+pub use source::{DEFAULT_DOWNLOAD_TIMEOUT, HubSettings, ModelSource};
 pub use tokenizer::Tokenizer;
 
 #[cfg(test)]

@@ -14,6 +14,8 @@ pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
     chat_template: Option<ChatTemplate>,
+    /// `vocab_size` of the model's `config.json`, when the tokenizer came from a model folder.
+    model_vocab_size: Option<usize>,
 }
 
 impl Tokenizer {
@@ -23,7 +25,15 @@ impl Tokenizer {
         let dir = dir.as_ref();
         let config_path = dir.join("tokenizer_config.json");
         let config_path = config_path.is_file().then_some(config_path);
-        Self::from_files(&dir.join("tokenizer.json"), config_path.as_deref())
+        let mut tokenizer = Self::from_files(&dir.join("tokenizer.json"), config_path.as_deref())?;
+
+        // Only the size is needed here; `Checkpoint::open` reports a broken config.json.
+        tokenizer.model_vocab_size = std::fs::read_to_string(dir.join("config.json"))
+            .ok()
+            .and_then(|text| serde_json::from_str::<serde_json::Value>(&text).ok())
+            .and_then(|config| config.get("vocab_size")?.as_u64())
+            .and_then(|size| usize::try_from(size).ok());
+        Ok(tokenizer)
     }
 
     /// Loads the tokenizer from `tokenizer_json` and the chat template from `tokenizer_config`.
@@ -61,6 +71,7 @@ impl Tokenizer {
             inner,
             path: tokenizer_json.to_path_buf(),
             chat_template,
+            model_vocab_size: None,
         })
     }
 
@@ -81,10 +92,29 @@ impl Tokenizer {
     }
 
     /// Decodes `ids` to text, special tokens included. Byte-level pieces are joined before UTF-8
-    /// decoding, so a character split across tokens decodes whole. Ids the tokenizer does not
-    /// know, such as the padding rows between its 151665 tokens and Qwen2.5's `d_vocab` of 151936,
-    /// are skipped.
+    /// decoding, so a character split across tokens decodes whole.
+    ///
+    /// Ids the tokenizer does not know but the model's embedding has, such as the padding rows
+    /// between Qwen2.5's 151665 tokens and its `d_vocab` of 151936, are skipped, because a model
+    /// can predict them. Larger ids are an error. The model's `d_vocab` is known when the tokenizer
+    /// came from [`Tokenizer::from_dir`] on a folder with `config.json`; otherwise every id
+    /// outside the tokenizer's vocabulary is an error, as in [`Tokenizer::tokens`].
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        let limit = self
+            .vocab_size()
+            .max(self.model_vocab_size.unwrap_or_default());
+        if let Some(&id) = ids.iter().find(|&&id| id as usize >= limit) {
+            let model = self
+                .model_vocab_size
+                .map(|size| format!(" and the model's vocab_size of {size}"))
+                .unwrap_or_default();
+            return Err(self.error(format!(
+                "cannot decode token id {id}: it is outside the tokenizer's vocabulary of {} \
+                 tokens{model}",
+                self.vocab_size()
+            )));
+        }
+
         self.inner
             .decode(ids, false)
             .map_err(|error| self.error(format!("failed to decode {} ids: {error}", ids.len())))
@@ -166,6 +196,7 @@ impl std::fmt::Debug for Tokenizer {
             .field("path", &self.path)
             .field("vocab_size", &self.vocab_size())
             .field("chat_template", &self.chat_template.is_some())
+            .field("model_vocab_size", &self.model_vocab_size)
             .finish()
     }
 }

@@ -1,13 +1,16 @@
 //! `qwenlens inspect`: a checkpoint's configuration and weight files.
 
+use std::io::Write;
 use std::path::PathBuf;
 
+use anyhow::Context;
 use qwenlens_weights::Checkpoint;
 use serde::Serialize;
 
 use crate::common::{ModelArgs, resolve_model_dir};
 
 #[derive(clap::Args)]
+#[command(mut_arg("device", |arg| arg.help(DEVICE_HELP)))]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -16,6 +19,10 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
 }
+
+/// Help of `--device`, which `inspect` shares with the subcommands that run the model.
+const DEVICE_HELP: &str = "Accepted for uniformity with the other subcommands and checked, but \
+                           unused: inspect runs no model";
 
 /// Everything `inspect` reports, in the order it is printed.
 #[derive(Serialize)]
@@ -81,11 +88,17 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         unexpected_tensors: checkpoint.unexpected_tensors().to_vec(),
     };
 
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let text = if args.json {
+        format!("{}\n", serde_json::to_string_pretty(&report)?)
     } else {
-        print!("{}", format_table(&report));
-    }
+        format_table(&report)
+    };
+    // `print!` panics when stdout is closed or full; a failed write is an ordinary error here.
+    let mut stdout = std::io::stdout().lock();
+    stdout
+        .write_all(text.as_bytes())
+        .and_then(|()| stdout.flush())
+        .context("writing the report to stdout")?;
     Ok(())
 }
 
@@ -96,6 +109,11 @@ fn format_table(report: &Report) -> String {
         format!("no (unembedding is {})", report.unembedding)
     };
     let eos: Vec<String> = report.eos_token_ids.iter().map(u32::to_string).collect();
+    let eos = if eos.is_empty() {
+        "none (generation stops only at the token limit)".to_string()
+    } else {
+        eos.join(", ")
+    };
     let rows = [
         ("model", report.model.clone()),
         ("folder", report.folder.display().to_string()),
@@ -115,7 +133,7 @@ fn format_table(report: &Report) -> String {
             "max_position_embeddings",
             report.max_position_embeddings.to_string(),
         ),
-        ("eos_token_ids", eos.join(", ")),
+        ("eos_token_ids", eos),
     ];
 
     let mut out = String::new();

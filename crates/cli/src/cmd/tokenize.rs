@@ -1,5 +1,6 @@
 //! `qwenlens tokenize`: token ids of a text or of a chat rendered with the model's chat template.
 
+use std::io::Write;
 use std::path::PathBuf;
 
 use anyhow::Context;
@@ -9,6 +10,7 @@ use serde::Serialize;
 use crate::common::{ModelArgs, resolve_model_dir};
 
 #[derive(clap::Args)]
+#[command(mut_arg("device", |arg| arg.help(DEVICE_HELP)))]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -21,6 +23,10 @@ pub struct Args {
     #[arg(long, conflicts_with = "text")]
     pub no_generation_prompt: bool,
 }
+
+/// Help of `--device`, which `tokenize` shares with the subcommands that run the model.
+const DEVICE_HELP: &str = "Accepted for uniformity with the other subcommands and checked, but \
+                           unused: tokenize runs no model";
 
 /// The input to tokenize: raw text or a chat file.
 #[derive(clap::Args)]
@@ -71,6 +77,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (None, None) => anyhow::bail!("nothing to tokenize; pass --text TEXT or --chat FILE"),
     };
 
-    println!("{json}");
+    // `println!` panics when stdout is closed or full; a failed write is an ordinary error here.
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{json}")
+        .and_then(|()| stdout.flush())
+        .context("writing the token ids to stdout")?;
     Ok(())
 }
