@@ -22,11 +22,17 @@ struct FakeHub {
 
 impl FakeHub {
     fn start() -> Self {
-        Self::start_with_models(None)
+        Self::start_with(None, false)
     }
 
     /// A fake hub that looks for `test-org/<name>` in `models/<name>` before the fixture models.
     fn start_with_models(models: Option<PathBuf>) -> Self {
+        Self::start_with(models, false)
+    }
+
+    /// A fake hub as [`FakeHub::start_with_models`] describes. With `cut_bodies`, every response
+    /// longer than one byte closes the connection after half of its body.
+    fn start_with(models: Option<PathBuf>, cut_bodies: bool) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -36,7 +42,7 @@ impl FakeHub {
             for stream in listener.incoming().flatten() {
                 let log = Arc::clone(&log);
                 let models = models.clone();
-                std::thread::spawn(move || serve(stream, &log, models.as_deref()));
+                std::thread::spawn(move || serve(stream, &log, models.as_deref(), cut_bodies));
             }
         });
         Self { endpoint, requests }
@@ -63,7 +69,7 @@ impl FakeHub {
 }
 
 /// Serves one HTTP/1.1 request and closes the connection.
-fn serve(mut stream: TcpStream, log: &Mutex<Vec<String>>, models: Option<&Path>) {
+fn serve(mut stream: TcpStream, log: &Mutex<Vec<String>>, models: Option<&Path>, cut_bodies: bool) {
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut request_line = String::new();
     reader.read_line(&mut request_line).unwrap();
@@ -115,7 +121,13 @@ fn serve(mut stream: TcpStream, log: &Mutex<Vec<String>>, models: Option<&Path>)
         bytes.len()
     );
     stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
+    let sent = if cut_bodies && body.len() > 1 {
+        &body[..body.len() / 2]
+    } else {
+        body
+    };
+    // The client may hang up early, so a failed write is no test failure.
+    let _ = stream.write_all(sent);
 }
 
 /// The file for `/test-org/<model>/resolve/main/<file>` in `models` or the fixture models, if it
@@ -335,4 +347,21 @@ fn download_from_silent_server_times_out() {
         "{message}"
     );
     assert!(message.contains("HF_HUB_DOWNLOAD_TIMEOUT"), "{message}");
+}
+
+#[test]
+fn download_cut_off_reports_failed_download() {
+    let hub = FakeHub::start_with(None, true);
+    let cache = tempfile::tempdir().unwrap();
+    let source = ModelSource::parse("test-org/tiny-gqa", "main").unwrap();
+
+    let error = source.resolve_with(&online(&cache, &hub)).unwrap_err();
+    assert!(
+        matches!(error, WeightsError::HubUnavailable { .. }),
+        "{error:?}"
+    );
+    let message = error.to_string();
+    assert!(message.contains("downloading it failed"), "{message}");
+    assert!(message.contains("fetching config.json"), "{message}");
+    assert!(!message.contains("not reachable"), "{message}");
 }
