@@ -6,8 +6,8 @@ use std::sync::{Arc, OnceLock};
 use qwenlens_kernels::cpu::CpuBackend;
 use qwenlens_kernels::{Backend, Device, create_backend};
 use qwenlens_model::{
-    GenerateOptions, Hooks, Intervention, Model, PatternSpec, RunOptions, Sampling, StopReason,
-    TextStream, TokenBatch,
+    GenerateOptions, Hooks, Intervention, Model, PatternSpec, RunOptions, Sampling, Scope,
+    StopReason, TextStream, TokenBatch,
 };
 use qwenlens_tests::{fixture_model, fixtures_dir};
 use qwenlens_weights::{Checkpoint, Tokenizer};
@@ -485,4 +485,113 @@ fn text_stream_reproduces_tokenizer_cases() {
             );
         }
     }
+}
+
+/// Mean ablation of every head of layer 1, whose mean covers every position of the sequence.
+fn mean_ablation_hooks(model: &Model) -> Hooks {
+    let interventions = (0..model.config().n_heads())
+        .map(|head| Intervention::mean_ablate_head(1, head))
+        .collect();
+    Hooks::from_interventions(interventions)
+}
+
+#[test]
+fn mean_ablation_generation_is_the_same_with_and_without_kv_cache() {
+    let model = load("tiny-gqa", cpu());
+    let (prompt, _) = prompt_and_golden("tiny-gqa");
+    let hooks = mean_ablation_hooks(&model);
+    let run = |use_kv_cache| {
+        model
+            .generate(&prompt, &greedy(use_kv_cache), &hooks, |_, _| {})
+            .expect("generation")
+            .ids
+    };
+
+    let with_cache = run(true);
+    let without_cache = run(false);
+
+    assert_eq!(with_cache, without_cache);
+    assert_eq!(with_cache.len(), 12);
+}
+
+#[test]
+fn overflowing_temperature_error_names_the_step() {
+    let model = load("tiny-gqa", cpu());
+    let (prompt, _) = prompt_and_golden("tiny-gqa");
+    let options = GenerateOptions {
+        sampling: Sampling {
+            do_sample: true,
+            temperature: 1e-40,
+            seed: Some(1),
+            ..Sampling::greedy()
+        },
+        ..GenerateOptions::greedy(4)
+    };
+
+    let error = model
+        .generate(&prompt, &options, &Hooks::default(), |_, _| {})
+        .unwrap_err()
+        .to_string();
+
+    assert!(error.contains("generation step 0"), "{error}");
+    assert!(
+        error.contains("+inf after dividing by the temperature 1e-40"),
+        "{error}"
+    );
+}
+
+#[test]
+fn scope_may_name_a_position_generated_later() {
+    let model = load("tiny-gqa", cpu());
+    let (prompt, _) = prompt_and_golden("tiny-gqa");
+    let zero_at = |position: usize| {
+        Hooks::from_interventions(vec![Intervention::ZeroHeadZ {
+            layer: 0,
+            head: 0,
+            scope: Scope::all().with_positions(vec![position]),
+        }])
+    };
+    let options = GenerateOptions::greedy(3);
+
+    let later = model.generate(&prompt, &options, &zero_at(prompt.len() + 2), |_, _| {});
+    let beyond = model
+        .generate(&prompt, &options, &zero_at(prompt.len() + 3), |_, _| {})
+        .unwrap_err()
+        .to_string();
+
+    assert!(later.is_ok(), "{:?}", later.err());
+    assert!(
+        beyond.contains(&format!(
+            "names position {}, but the sequence has {} positions",
+            prompt.len() + 3,
+            prompt.len() + 3
+        )),
+        "{beyond}"
+    );
+}
+
+#[test]
+fn generation_config_max_length_sets_the_default_new_tokens() {
+    let source = fixture_model("tiny-gqa");
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["config.json", "model.safetensors"] {
+        std::fs::copy(source.join(file), dir.path().join(file)).unwrap();
+    }
+    std::fs::write(
+        dir.path().join("generation_config.json"),
+        r#"{"eos_token_id": 151645, "max_length": 10}"#,
+    )
+    .unwrap();
+    let checkpoint = Checkpoint::open(dir.path()).unwrap();
+    let model = Model::from_checkpoint(&checkpoint, cpu()).unwrap();
+
+    let error = model.default_max_new_tokens(10).unwrap_err().to_string();
+
+    assert_eq!(model.generation_max_length(), Some(10));
+    assert_eq!(model.default_max_new_tokens(4).unwrap(), 6);
+    assert!(error.contains("already reaches max_length 10"), "{error}");
+    assert_eq!(
+        load("tiny-gqa", cpu()).default_max_new_tokens(4).unwrap(),
+        256.min(load("tiny-gqa", cpu()).config().max_position_embeddings - 4)
+    );
 }

@@ -764,7 +764,7 @@ fn wrong_replacement_shapes_are_errors() {
 
     let short_source = Intervention::PatchFromCache {
         hook: HookPoint::block(0, BlockHook::ResidMid),
-        source: Arc::new(HostTensor::zeros(vec![1, 2, 64])),
+        source: Arc::new(HostTensor::zeros(vec![1, 2, 64]).unwrap()),
         heads: None,
         scope: Scope::all(),
     };
@@ -773,8 +773,11 @@ fn wrong_replacement_shapes_are_errors() {
         .unwrap_err();
     assert!(matches!(error, ModelError::ShapeMismatch { .. }), "{error}");
 
-    let small_table =
-        Intervention::replace_pattern(1, 0, PatternSpec::Fixed(HostTensor::zeros(vec![2, 2])));
+    let small_table = Intervention::replace_pattern(
+        1,
+        0,
+        PatternSpec::Fixed(HostTensor::zeros(vec![2, 2]).unwrap()),
+    );
     let error = model
         .run_with_hooks(&tokens, Hooks::from_interventions(vec![small_table]))
         .unwrap_err();
@@ -1099,7 +1102,7 @@ fn custom_and_fixed_patterns_match_builtin() {
 
     // A table larger than the prompt is cut to the current length.
     let size = 12;
-    let mut table = HostTensor::zeros(vec![size, size]);
+    let mut table = HostTensor::zeros(vec![size, size]).unwrap();
     for query in 0..size {
         for key in 0..=query {
             table.data[query * size + key] = 1.0 / (query + 1) as f32;
@@ -1168,4 +1171,130 @@ fn patched_scores_give_source_pattern() {
         bits(&clean[2 * block..]),
         "heads 2 and 3 untouched"
     );
+}
+
+#[test]
+fn token_batch_item_out_of_range_is_error() {
+    let batch = TokenBatch::left_padded(&[vec![1, 2, 3], vec![4]], 0);
+
+    let row_error = batch.row(2).unwrap_err().to_string();
+    let tokens_error = batch.tokens(5).unwrap_err().to_string();
+
+    assert_eq!(batch.tokens(1).unwrap(), &[4]);
+    assert_eq!(batch.row(1).unwrap(), &[0, 0, 4]);
+    assert!(
+        row_error.contains("batch item 2 is out of range"),
+        "{row_error}"
+    );
+    assert!(
+        tokens_error.contains("the token batch has 2 items"),
+        "{tokens_error}"
+    );
+}
+
+#[test]
+fn host_tensor_with_overflowing_shape_is_error() {
+    let zeros = HostTensor::zeros(vec![usize::MAX, 2])
+        .unwrap_err()
+        .to_string();
+    let new = HostTensor::new(vec![usize::MAX, 3], vec![0.0])
+        .unwrap_err()
+        .to_string();
+
+    assert!(
+        zeros.contains("more elements than memory can address"),
+        "{zeros}"
+    );
+    assert!(
+        new.contains("more elements than memory can address"),
+        "{new}"
+    );
+}
+
+#[test]
+fn scope_position_out_of_range_or_empty_is_error() {
+    let model = cpu_model("tiny-gqa");
+    let tokens = TokenBatch::single(&[9707, 11, 1879]);
+    let run = |scope: Scope| {
+        let hooks = Hooks::new().with_intervention(Intervention::ZeroHeadZ {
+            layer: 0,
+            head: 0,
+            scope,
+        });
+        model.run_with_hooks(&tokens, hooks)
+    };
+
+    let beyond = run(Scope::all().with_positions(vec![1, 1000])).unwrap_err();
+    let no_positions = run(Scope::all().with_positions(Vec::new())).unwrap_err();
+    let no_items = run(Scope::all().with_batch(Vec::new())).unwrap_err();
+
+    assert!(run(Scope::all().with_positions(vec![2])).is_ok());
+    assert!(
+        beyond
+            .to_string()
+            .contains("names position 1000, but the sequence has 3 positions"),
+        "{beyond}"
+    );
+    assert!(
+        no_positions.to_string().contains("empty list of positions"),
+        "{no_positions}"
+    );
+    assert!(
+        no_items.to_string().contains("empty list of batch items"),
+        "{no_items}"
+    );
+}
+
+#[test]
+fn loss_of_one_token_item_is_error() {
+    let model = cpu_model("tiny-gqa");
+    let tokens = TokenBatch::left_padded(&[vec![9707, 11], vec![1879]], 0);
+
+    let logits = model.forward(&tokens).unwrap();
+    let error = logits.loss(&tokens).unwrap_err().to_string();
+    let single = TokenBatch::single(&[9707, 11]);
+    let loss = model.forward(&single).unwrap().loss(&single).unwrap();
+
+    assert!(error.contains("batch item 1"), "{error}");
+    assert!(error.contains("one real token"), "{error}");
+    assert!(loss[0].is_finite());
+}
+
+#[test]
+fn run_step_rejects_mean_ablation_after_the_prompt() {
+    let model = cpu_model("tiny-gqa");
+    let options = RunOptions {
+        hooks: Hooks::new().with_intervention(Intervention::mean_ablate_head(1, 0)),
+        logit_rows: LogitRows::Last,
+        ..RunOptions::default()
+    };
+    let mut cache = model.new_kv_cache();
+
+    let prompt = model.run_step(&mut cache, &TokenBatch::single(&[9707, 11, 1879]), &options);
+    let step = model
+        .run_step(&mut cache, &TokenBatch::single(&[13]), &options)
+        .unwrap_err()
+        .to_string();
+
+    assert!(prompt.is_ok(), "{:?}", prompt.err());
+    assert!(
+        step.contains("mean ablation cannot run against a KV cache"),
+        "{step}"
+    );
+    assert_eq!(cache.len(), 3, "a rejected step leaves the cache unchanged");
+}
+
+#[test]
+fn hook_numel_matches_cached_activations() {
+    let model = cpu_model("tiny-gqa");
+    let tokens = TokenBatch::single(&[9707, 11, 1879, 13]);
+    let points = HookPoint::all(model.n_layers());
+    let (_, cache) = model
+        .run_with_cache(&tokens, HookFilter::points(points.clone()))
+        .unwrap();
+
+    for point in points {
+        let cached = cache.get_point(point).unwrap().numel() as u64;
+        assert_eq!(point.numel(model.config(), 1, 4), cached, "{point}");
+    }
 }

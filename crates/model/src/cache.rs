@@ -1,12 +1,22 @@
 //! Activations on the host: [`HostTensor`] and the [`ActivationCache`] of a run.
 
-use std::borrow::Cow;
-use std::collections::HashMap;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use crate::error::{ModelError, Result};
 use crate::hooks::HookPoint;
+
+/// Element count of `shape`, an error when it overflows `usize`.
+fn checked_numel(shape: &[usize]) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .ok_or_else(|| {
+            ModelError::InvalidArgument(format!(
+                "a host tensor of shape {shape:?} has more elements than memory can address"
+            ))
+        })
+}
 
 /// An `f32` activation on the host, row-major, in TransformerLens shape (batch first).
 #[derive(Clone, Debug, PartialEq)]
@@ -20,7 +30,7 @@ pub struct HostTensor {
 impl HostTensor {
     /// Wraps `data`; an element count that does not match `shape` is an error.
     pub fn new(shape: Vec<usize>, data: Vec<f32>) -> Result<HostTensor> {
-        let expected = shape.iter().product::<usize>();
+        let expected = checked_numel(&shape)?;
         if expected != data.len() {
             return Err(ModelError::InvalidArgument(format!(
                 "a host tensor of shape {shape:?} needs {expected} values, found {}",
@@ -31,12 +41,14 @@ impl HostTensor {
     }
 
     /// Returns a tensor of zeros.
-    pub fn zeros(shape: Vec<usize>) -> HostTensor {
-        let numel = shape.iter().product();
-        HostTensor {
+    ///
+    /// A shape whose element count overflows `usize` is an error.
+    pub fn zeros(shape: Vec<usize>) -> Result<HostTensor> {
+        let numel = checked_numel(&shape)?;
+        Ok(HostTensor {
             shape,
             data: vec![0.0; numel],
-        }
+        })
     }
 
     /// Number of elements.
@@ -164,80 +176,43 @@ impl ActivationCache {
 
     /// Writes every activation to one safetensors file keyed by hook name (F32, TransformerLens
     /// shapes with the batch dimension, header metadata `{"format": "pt"}`), through a temporary
-    /// file in the same folder renamed into place, so readers never see a partial file.
+    /// file in the same folder renamed into place, so readers never see a partial file (see
+    /// [`crate::write_atomic`] for the paths accepted).
     pub fn save_safetensors(&self, path: &Path) -> Result<()> {
-        let views: Vec<(String, F32View<'_>)> = self
-            .entries
-            .iter()
-            .map(|(point, tensor)| (point.to_string(), F32View(tensor)))
-            .collect();
-        let metadata = HashMap::from([("format".to_string(), "pt".to_string())]);
-
-        let temporary = temporary_path(path);
-        let written = safetensors::serialize_to_file(views, Some(metadata), &temporary);
-        if let Err(error) = written {
-            let _ = std::fs::remove_file(&temporary);
-            return Err(ModelError::Safetensors {
-                path: path.to_path_buf(),
-                message: error.to_string(),
-            });
+        let mut header = serde_json::Map::new();
+        header.insert(
+            "__metadata__".to_string(),
+            serde_json::json!({ "format": "pt" }),
+        );
+        let mut offset = 0usize;
+        for (point, tensor) in &self.entries {
+            let end = offset + tensor.numel() * 4;
+            header.insert(
+                point.to_string(),
+                serde_json::json!({ "dtype": "F32", "shape": tensor.shape, "data_offsets": [offset, end] }),
+            );
+            offset = end;
         }
 
-        sync_file(&temporary)?;
-        std::fs::rename(&temporary, path).map_err(|source| {
-            let _ = std::fs::remove_file(&temporary);
-            ModelError::Io {
-                action: "renaming the temporary file into",
-                path: path.to_path_buf(),
-                source,
+        // The header is padded with spaces to a multiple of 8 bytes, as the safetensors writer
+        // does, so the data that follows is aligned.
+        let mut header = serde_json::Value::Object(header).to_string().into_bytes();
+        header.resize(header.len().next_multiple_of(8), b' ');
+
+        crate::output::write_atomic(path, |file| {
+            file.write_all(&(header.len() as u64).to_le_bytes())?;
+            file.write_all(&header)?;
+            let mut bytes = Vec::with_capacity(4 * 16384);
+            for (_, tensor) in &self.entries {
+                for chunk in tensor.data.chunks(16384) {
+                    bytes.clear();
+                    bytes.extend(chunk.iter().flat_map(|v| v.to_le_bytes()));
+                    file.write_all(&bytes)?;
+                }
             }
+            Ok(())
         })?;
         tracing::info!(path = %path.display(), tensors = self.len(), bytes = self.size_in_bytes(), "wrote activation cache");
         Ok(())
-    }
-}
-
-/// `NAME.tmp-PID` beside `path`, so the final rename stays on one file system.
-fn temporary_path(path: &Path) -> PathBuf {
-    let mut name = path
-        .file_name()
-        .map(|n| n.to_os_string())
-        .unwrap_or_default();
-    name.push(format!(".tmp-{}", std::process::id()));
-    path.with_file_name(name)
-}
-
-fn sync_file(path: &Path) -> Result<()> {
-    let io_error = |source| ModelError::Io {
-        action: "flushing",
-        path: path.to_path_buf(),
-        source,
-    };
-    let mut file = std::fs::OpenOptions::new()
-        .append(true)
-        .open(path)
-        .map_err(io_error)?;
-    file.flush().map_err(io_error)?;
-    file.sync_all().map_err(io_error)
-}
-
-/// A [`HostTensor`] seen as a safetensors F32 tensor.
-struct F32View<'a>(&'a HostTensor);
-
-impl safetensors::View for F32View<'_> {
-    fn dtype(&self) -> safetensors::Dtype {
-        safetensors::Dtype::F32
-    }
-
-    fn shape(&self) -> &[usize] {
-        &self.0.shape
-    }
-
-    fn data(&self) -> Cow<'_, [u8]> {
-        Cow::Owned(self.0.data.iter().flat_map(|v| v.to_le_bytes()).collect())
-    }
-
-    fn data_len(&self) -> usize {
-        self.0.numel() * 4
     }
 }

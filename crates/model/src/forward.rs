@@ -98,11 +98,15 @@ impl KvCache {
 }
 
 /// Runs `tokens` through the model, against `kv` when given.
+///
+/// Intervention scopes may name positions below `position_limit` (default: the tokens cached plus
+/// these); generation passes the final length, so a scope can name a token not generated yet.
 pub(crate) fn run(
     model: &Model,
     tokens: &TokenBatch,
     kv: Option<&mut KvCache>,
     options: &RunOptions,
+    position_limit: Option<usize>,
 ) -> Result<RunOutput> {
     let config = &model.config;
     let n_layers = config.n_layers();
@@ -111,7 +115,16 @@ pub(crate) fn run(
 
     tokens.validate(config.d_vocab(), first, config.max_position_embeddings)?;
     let padding = step_padding(kv.as_deref(), tokens)?;
-    validate_options(model, options, tokens.batch(), kv.is_some())?;
+    let position_limit = position_limit.unwrap_or(first + q_len);
+    validate_options(model, options, tokens.batch(), kv.is_some(), position_limit)?;
+    if first > 0 && needs_whole_sequence(&options.hooks) {
+        return Err(ModelError::InvalidArgument(format!(
+            "mean ablation cannot run against a KV cache that already holds {first} positions: \
+             the mean is over the positions of one pass, which here is only the new tokens, so it \
+             would differ from the mean over the whole sequence; run the whole sequence with \
+             Model::run instead (generation does this by itself)"
+        )));
+    }
 
     let with_result = (0..n_layers).any(|layer| needs_result(options, layer));
     let logit_rows = match options.logit_rows {
@@ -204,6 +217,15 @@ fn step_padding(kv: Option<&KvCache>, tokens: &TokenBatch) -> Result<Vec<usize>>
     Ok(cache.padding.clone())
 }
 
+/// Returns whether an intervention reads statistics over the whole sequence (mean ablation), which a
+/// KV-cache step of new tokens alone cannot compute.
+pub(crate) fn needs_whole_sequence(hooks: &Hooks) -> bool {
+    hooks
+        .interventions
+        .iter()
+        .any(|i| matches!(i, Intervention::MeanAblateHeadZ { .. }))
+}
+
 fn needs_result(options: &RunOptions, layer: usize) -> bool {
     let point = HookPoint::block(layer, BlockHook::Result);
     options.cache.contains(point) || options.hooks.acts_at(point)
@@ -215,6 +237,7 @@ fn validate_options(
     options: &RunOptions,
     batch: usize,
     with_kv: bool,
+    position_limit: usize,
 ) -> Result<()> {
     let config = &model.config;
     let n_layers = config.n_layers();
@@ -260,7 +283,7 @@ fn validate_options(
     }
     for intervention in &options.hooks.interventions {
         validate_intervention(model, intervention)?;
-        intervention.scope().validate(batch)?;
+        intervention.scope().validate(batch, position_limit)?;
     }
     Ok(())
 }

@@ -1,9 +1,11 @@
 //! Autoregressive generation with hooks and interventions active at every step.
 //!
 //! The prompt runs once, then each new token runs against the KV cache. For checking, the whole
-//! sequence can instead be recomputed at every step. The text is streamed as it becomes complete
+//! sequence can instead be recomputed at every step, as it is for mean ablation, whose mean covers
+//! every position. The text is streamed as it becomes complete
 //! UTF-8.
 
+use crate::forward;
 use crate::sampling::{Sampler, Sampling};
 use crate::{Hooks, KvCache, LogitRows, Model, ModelError, Result, RunOptions, TokenBatch};
 
@@ -75,6 +77,32 @@ impl Model {
         }
     }
 
+    /// The default number of new tokens after a prompt of `prompt_len` tokens, as transformers
+    /// picks it: `generation_config.json`'s `max_new_tokens`, else its `max_length` (the total
+    /// length) less the prompt, else 256; lowered to fit `max_position_embeddings`. A prompt that
+    /// already reaches `max_length` is an error.
+    pub fn default_max_new_tokens(&self, prompt_len: usize) -> Result<usize> {
+        let room = self
+            .config()
+            .max_position_embeddings
+            .saturating_sub(prompt_len);
+        if let Some(max_new_tokens) = self.generation_config().max_new_tokens {
+            return Ok(max_new_tokens.min(room));
+        }
+
+        let Some(max_length) = self.generation_max_length() else {
+            return Ok(256.min(room));
+        };
+        if prompt_len >= max_length {
+            return Err(ModelError::InvalidArgument(format!(
+                "the prompt of {prompt_len} tokens already reaches max_length {max_length} of \
+                 generation_config.json (the total length), so no token can be generated; give \
+                 the number of new tokens explicitly (--max-new-tokens)"
+            )));
+        }
+        Ok((max_length - prompt_len).min(room))
+    }
+
     /// Generates up to `options.max_new_tokens` tokens after `prompt`, with `hooks` active at every
     /// step.
     ///
@@ -103,16 +131,33 @@ impl Model {
             logit_rows: LogitRows::Last,
             ..RunOptions::default()
         };
-        let mut kv_cache = options.use_kv_cache.then(|| self.new_kv_cache());
+        let use_kv_cache = options.use_kv_cache && !forward::needs_whole_sequence(hooks);
+        if options.use_kv_cache && !use_kv_cache {
+            tracing::info!(
+                "mean ablation needs every position at each step; generating without the KV cache"
+            );
+        }
+        let mut kv_cache = use_kv_cache.then(|| self.new_kv_cache());
         let mut pending = prompt.to_vec();
+        let final_len = prompt.len() + options.max_new_tokens;
 
         while ids.len() < options.max_new_tokens {
             let mut logits = match kv_cache.as_mut() {
-                Some(kv_cache) => self.step_logits(kv_cache, &pending, &run_options)?,
-                None => self.full_logits(&sequence, &run_options)?,
+                Some(kv_cache) => self.step_logits(kv_cache, &pending, &run_options, final_len)?,
+                None => self.full_logits(&sequence, &run_options, final_len)?,
             };
 
-            let token = sampler.next_token(&mut logits, &sequence)?;
+            let step = ids.len();
+            let token = sampler
+                .next_token(&mut logits, &sequence)
+                .map_err(|error| match error {
+                    ModelError::InvalidArgument(message) => ModelError::InvalidArgument(format!(
+                        "generation step {step} (new token {} after a prompt of {} tokens): {message}",
+                        step + 1,
+                        prompt.len()
+                    )),
+                    other => other,
+                })?;
             sequence.push(token);
             ids.push(token);
             pending = vec![token];
@@ -187,20 +232,29 @@ impl Model {
         Ok(())
     }
 
-    /// Runs the tokens not yet in `kv_cache` and returns the logits of the last one.
+    /// Runs the tokens not yet in `kv_cache` and returns the logits of the last one. Scopes may
+    /// name positions up to `final_len`, the length the sequence has when generation ends.
     fn step_logits(
         &self,
         kv_cache: &mut KvCache,
         tokens: &[u32],
         options: &RunOptions,
+        final_len: usize,
     ) -> Result<Vec<f32>> {
-        let output = self.run_step(kv_cache, &TokenBatch::single(tokens), options)?;
+        let batch = TokenBatch::single(tokens);
+        let output = forward::run(self, &batch, Some(kv_cache), options, Some(final_len))?;
         output.into_logits()?.last(0)
     }
 
     /// Runs the whole sequence and returns the logits of its last position.
-    fn full_logits(&self, sequence: &[u32], options: &RunOptions) -> Result<Vec<f32>> {
-        let output = self.run(&TokenBatch::single(sequence), options)?;
+    fn full_logits(
+        &self,
+        sequence: &[u32],
+        options: &RunOptions,
+        final_len: usize,
+    ) -> Result<Vec<f32>> {
+        let batch = TokenBatch::single(sequence);
+        let output = forward::run(self, &batch, None, options, Some(final_len))?;
         output.into_logits()?.last(0)
     }
 }

@@ -141,6 +141,36 @@ impl HookPoint {
         HookPoint::Block { layer, hook }
     }
 
+    /// Number of `f32` values this hook holds for `batch` sequences of `pos` positions in a model
+    /// of `config`, from its TransformerLens shape (saturating instead of overflowing).
+    pub fn numel(self, config: &qwenlens_weights::Qwen2Config, batch: usize, pos: usize) -> u64 {
+        let [batch, pos] = [batch as u64, pos as u64];
+        let d_model = config.d_model() as u64;
+        let rows = batch.saturating_mul(pos);
+        let per_row = match self {
+            HookPoint::Embed | HookPoint::UnembedIn => d_model,
+            HookPoint::LnFinalScale => 1,
+            HookPoint::LnFinalNormalized => d_model,
+            HookPoint::Block { hook, .. } => {
+                let n_heads = config.n_heads() as u64;
+                let n_kv_heads = config.n_kv_heads() as u64;
+                let d_head = config.d_head() as u64;
+                match hook {
+                    BlockHook::Ln1Scale | BlockHook::Ln2Scale => 1,
+                    BlockHook::Q | BlockHook::RotQ | BlockHook::Z => n_heads * d_head,
+                    BlockHook::K | BlockHook::V | BlockHook::RotK => n_kv_heads * d_head,
+                    BlockHook::AttnScores | BlockHook::Pattern => n_heads.saturating_mul(pos),
+                    BlockHook::Result => n_heads * d_model,
+                    BlockHook::MlpPre | BlockHook::MlpPreLinear | BlockHook::MlpPost => {
+                        config.d_mlp() as u64
+                    }
+                    _ => d_model,
+                }
+            }
+        };
+        rows.saturating_mul(per_row)
+    }
+
     /// Returns the layer of a block hook.
     pub fn layer(self) -> Option<usize> {
         match self {

@@ -63,11 +63,34 @@ impl Scope {
         self.batch.is_none() && self.positions.is_none()
     }
 
-    pub(crate) fn validate(&self, batch: usize) -> Result<()> {
+    /// Checks the scope against a batch of `batch` items and sequences of `seq_len` positions: an
+    /// item or position beyond them, or an empty list (which would change nothing), is an error.
+    pub(crate) fn validate(&self, batch: usize, seq_len: usize) -> Result<()> {
         if let Some(b) = self.batch.iter().flatten().find(|b| **b >= batch) {
             return Err(ModelError::InvalidArgument(format!(
                 "intervention scope names batch item {b}, but the batch has {batch} items"
             )));
+        }
+        if let Some(p) = self.positions.iter().flatten().find(|p| **p >= seq_len) {
+            return Err(ModelError::InvalidArgument(format!(
+                "intervention scope names position {p}, but the sequence has {seq_len} positions \
+                 (0..={})",
+                seq_len.saturating_sub(1)
+            )));
+        }
+        if self.batch.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ModelError::InvalidArgument(
+                "intervention scope has an empty list of batch items, so it changes nothing; \
+                 give at least one item, or None for all"
+                    .to_string(),
+            ));
+        }
+        if self.positions.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ModelError::InvalidArgument(
+                "intervention scope has an empty list of positions, so it changes nothing; \
+                 give at least one position, or None for all"
+                    .to_string(),
+            ));
         }
         Ok(())
     }
@@ -451,7 +474,7 @@ mod tests {
 
     #[test]
     fn fixed_pattern_too_small_is_error() {
-        let table = HostTensor::zeros(vec![2, 2]);
+        let table = HostTensor::zeros(vec![2, 2]).unwrap();
         let mut out = vec![0.0; 3];
         let error = PatternSpec::Fixed(table)
             .fill_row(2, 3, &mut out)

@@ -17,6 +17,7 @@ mod interventions;
 mod limits;
 mod logits;
 mod model;
+mod output;
 mod patterns;
 pub mod sampling;
 mod tokens;
@@ -30,5 +31,6 @@ pub use interventions::{HookContext, HookFn, Hooks, Intervention, PatternFn, Pat
 pub use limits::DeviceLimits;
 pub use logits::{LogitRows, Logits};
 pub use model::Model;
+pub use output::{output_target, write_atomic};
 pub use sampling::{Sampler, Sampling};
 pub use tokens::TokenBatch;

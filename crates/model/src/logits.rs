@@ -140,7 +140,7 @@ impl Logits {
 
         let mut targets = Vec::with_capacity(self.batch * self.pos);
         for b in 0..self.batch {
-            let row = tokens.row(b);
+            let row = tokens.row(b)?;
             for p in 0..self.pos {
                 targets.push(if p + 1 < self.pos { row[p + 1] } else { 0 });
             }
@@ -163,9 +163,16 @@ impl Logits {
 
     /// TransformerLens's `lm_cross_entropy_loss` for each batch item: the mean over the item's real
     /// positions but the last of `−log_softmax(logits[i])[ids[i + 1]]`. An item of one real token
-    /// has no next token and a loss of NaN.
+    /// has no next token to predict, which is an error.
     pub fn loss(&self, tokens: &TokenBatch) -> Result<Vec<f32>> {
         let logprobs = self.next_token_logprobs(tokens)?;
+        if let Some(b) = logprobs.iter().position(Vec::is_empty) {
+            return Err(ModelError::InvalidArgument(format!(
+                "the loss of batch item {b} is undefined: it has one real token, so there is no \
+                 next token to predict; give at least two tokens"
+            )));
+        }
+
         Ok(logprobs
             .iter()
             .map(|values| -values.iter().sum::<f32>() / values.len() as f32)

@@ -34,6 +34,7 @@ pub(crate) struct BlockWeights {
 pub struct Model {
     pub(crate) config: Qwen2Config,
     generation_config: GenerationConfig,
+    generation_max_length: Option<usize>,
     eos_token_ids: Vec<u32>,
     tokenizer: Option<Tokenizer>,
     pub(crate) backend: Arc<dyn Backend>,
@@ -66,6 +67,7 @@ impl Model {
     /// unembedding shares the embedding's upload.
     pub fn from_checkpoint(checkpoint: &Checkpoint, backend: Arc<dyn Backend>) -> Result<Model> {
         let config = checkpoint.config().clone();
+        let generation_max_length = read_generation_max_length(checkpoint.dir())?;
         let upload = |name: &str| -> Result<Weight> {
             let view = checkpoint.tensor(name)?;
             Ok(backend.upload_weight(view.dtype, view.shape, view.data)?)
@@ -117,6 +119,7 @@ impl Model {
         );
         Ok(Model {
             generation_config: checkpoint.generation_config().clone(),
+            generation_max_length,
             eos_token_ids: checkpoint.eos_token_ids().to_vec(),
             config,
             tokenizer,
@@ -138,6 +141,12 @@ impl Model {
     /// `generation_config.json` (defaults when the checkpoint has none).
     pub fn generation_config(&self) -> &GenerationConfig {
         &self.generation_config
+    }
+
+    /// `max_length` of `generation_config.json`: the total length (prompt plus new tokens) that
+    /// generation stops at when no `max_new_tokens` is given.
+    pub fn generation_max_length(&self) -> Option<usize> {
+        self.generation_max_length
     }
 
     /// Token ids that end generation (`generation_config.json`, else `config.json`).
@@ -224,13 +233,14 @@ impl Model {
     /// Runs the model over a batch with hooks, interventions, caching and the layer range given in
     /// `options`.
     pub fn run(&self, tokens: &TokenBatch, options: &RunOptions) -> Result<RunOutput> {
-        forward::run(self, tokens, None, options)
+        forward::run(self, tokens, None, options, None)
     }
 
     /// Runs new tokens against a KV cache and appends their keys and values to it. The first call
     /// on an empty cache runs the prompt (which may be a left-padded batch); later calls run one or
     /// more new tokens per batch item (no padding). Hooks, interventions and caching work as in
-    /// [`Model::run`]; `stop_at_layer` and `start_at_layer` are not allowed here. On error the
+    /// [`Model::run`]; `stop_at_layer` and `start_at_layer` are not allowed here, nor mean
+    /// ablation after the first call (its mean would cover only the new tokens). On error the
     /// cache is left unchanged.
     pub fn run_step(
         &self,
@@ -238,7 +248,7 @@ impl Model {
         tokens: &TokenBatch,
         options: &RunOptions,
     ) -> Result<RunOutput> {
-        forward::run(self, tokens, Some(cache), options)
+        forward::run(self, tokens, Some(cache), options, None)
     }
 
     /// Returns an empty KV cache for [`Model::run_step`].
@@ -282,4 +292,39 @@ pub(crate) fn missing_logits() -> ModelError {
     ModelError::InvalidArgument(
         "the run computed no logits (stop_at_layer or LogitRows::None was set)".to_string(),
     )
+}
+
+/// Reads `max_length` from the folder's `generation_config.json`, if both exist.
+// NOTE: read here because qwenlens_weights::GenerationConfig has no max_length field yet.
+fn read_generation_max_length(dir: &std::path::Path) -> Result<Option<usize>> {
+    #[derive(serde::Deserialize)]
+    struct MaxLength {
+        max_length: Option<usize>,
+    }
+
+    let path = dir.join("generation_config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => {
+            return Err(ModelError::Io {
+                action: "reading",
+                path,
+                source,
+            });
+        }
+    };
+    let parsed: MaxLength = serde_json::from_str(&text).map_err(|error| {
+        ModelError::InvalidArgument(format!(
+            "invalid max_length in {}: {error}; expected a positive whole number",
+            path.display()
+        ))
+    })?;
+    if parsed.max_length == Some(0) {
+        return Err(ModelError::InvalidArgument(format!(
+            "invalid max_length 0 in {}: expected a positive whole number",
+            path.display()
+        )));
+    }
+    Ok(parsed.max_length)
 }

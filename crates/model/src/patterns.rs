@@ -38,7 +38,7 @@ pub(crate) fn attention(
 
     let whole_heads = pattern_interventions.iter().all(|i| covers_whole_heads(i));
     if !edits_scores && !pattern_closures && whole_heads {
-        let mut edited = HostPatterns::new(pass, None);
+        let mut edited = HostPatterns::new(pass, None)?;
         for intervention in &pattern_interventions {
             edited.apply(pass, pattern_point, intervention)?;
         }
@@ -74,7 +74,7 @@ pub(crate) fn attention(
         let mut scores = read_attention(pass, scores)?;
         if edits_scores {
             let original = scores.clone();
-            let mut edited = HostPatterns::new(pass, Some(scores));
+            let mut edited = HostPatterns::new(pass, Some(scores))?;
             for intervention in &score_patches {
                 edited.apply(pass, scores_point, intervention)?;
             }
@@ -85,7 +85,7 @@ pub(crate) fn attention(
         pass.record(scores_point, scores);
     }
 
-    let mut edited = HostPatterns::new(pass, Some(pattern));
+    let mut edited = HostPatterns::new(pass, Some(pattern))?;
     for intervention in &pattern_interventions {
         edited.apply(pass, pattern_point, intervention)?;
     }
@@ -133,15 +133,16 @@ struct HostPatterns {
 }
 
 impl HostPatterns {
-    fn new(pass: &Pass<'_>, tensor: Option<HostTensor>) -> HostPatterns {
+    fn new(pass: &Pass<'_>, tensor: Option<HostTensor>) -> Result<HostPatterns> {
         let n_heads = pass.model().config().n_heads();
-        let tensor = tensor.unwrap_or_else(|| {
-            HostTensor::zeros(vec![pass.batch, n_heads, pass.q_len, pass.kv_len()])
-        });
-        HostPatterns {
+        let tensor = match tensor {
+            Some(tensor) => tensor,
+            None => HostTensor::zeros(vec![pass.batch, n_heads, pass.q_len, pass.kv_len()])?,
+        };
+        Ok(HostPatterns {
             tensor,
             touched: vec![false; n_heads],
-        }
+        })
     }
 
     fn row_mut(&mut self, b: usize, head: usize, i: usize) -> &mut [f32] {

@@ -145,13 +145,31 @@ impl Sampler {
             )));
         }
 
-        apply_repetition_penalty(logits, context, self.sampling.repetition_penalty);
+        check_finite_choice(logits, "in the forward pass output")?;
+
+        let penalty = self.sampling.repetition_penalty;
+        apply_repetition_penalty(logits, context, penalty);
+        check_finite_choice(
+            logits,
+            &format!(
+                "after the repetition penalty {} (too far from 1.0 for the logits' range)",
+                number(penalty)
+            ),
+        )?;
 
         if !self.sampling.do_sample {
             return Ok(argmax(logits) as u32);
         }
 
-        apply_temperature(logits, self.sampling.temperature);
+        let temperature = self.sampling.temperature;
+        apply_temperature(logits, temperature);
+        check_finite_choice(
+            logits,
+            &format!(
+                "after dividing by the temperature {} (too small for the logits' range)",
+                number(temperature)
+            ),
+        )?;
         if let Some(k) = self.sampling.top_k {
             apply_top_k(logits, k);
         }
@@ -162,6 +180,34 @@ impl Sampler {
         let probs = softmax(logits);
         Ok(draw(&probs, self.rng.random::<f64>()) as u32)
     }
+}
+
+/// Formats an option value readably: plain, or in exponent form when very small or large.
+fn number(value: f32) -> String {
+    if value == 0.0 || (1e-4..1e16).contains(&value.abs()) {
+        value.to_string()
+    } else {
+        format!("{value:e}")
+    }
+}
+
+/// Rejects a row from which no token can be chosen fairly: a logit of +inf (every finite one gets
+/// probability 0 and ties between infinities are arbitrary) or every logit -inf (no probability
+/// mass at all). `stage` says where in the processing the row went wrong.
+fn check_finite_choice(logits: &[f32], stage: &str) -> Result<()> {
+    if let Some(index) = logits.iter().position(|x| *x == f32::INFINITY) {
+        return Err(ModelError::InvalidArgument(format!(
+            "the logit of token {index} is +inf {stage}, so no token can be chosen; \
+             use values that keep the logits finite"
+        )));
+    }
+    if logits.iter().all(|x| *x == f32::NEG_INFINITY) {
+        return Err(ModelError::InvalidArgument(format!(
+            "every logit is -inf {stage}, so no token can be chosen; \
+             use values that keep the logits finite"
+        )));
+    }
+    Ok(())
 }
 
 /// Applies transformers' repetition penalty: each distinct token of `context` has its logit divided
@@ -499,6 +545,46 @@ mod tests {
                 expected
             );
         }
+    }
+
+    #[test]
+    fn infinite_logits_after_processing_are_errors() {
+        let overflowing_temperature = Sampling {
+            temperature: 1e-40,
+            ..sampling(true)
+        };
+        let overflowing_penalty = Sampling {
+            repetition_penalty: 1e-40,
+            ..sampling(false)
+        };
+        let mut sampler = Sampler::new(overflowing_temperature).unwrap();
+        let mut greedy = Sampler::new(overflowing_penalty).unwrap();
+        let mut all_negative = Sampler::new(sampling(false)).unwrap();
+
+        let temperature_error = sampler.next_token(&mut [1.0, 2.0], &[]).unwrap_err();
+        let penalty_error = greedy.next_token(&mut [1.0, 2.0], &[1]).unwrap_err();
+        let neg_error = all_negative
+            .next_token(&mut [f32::NEG_INFINITY; 3], &[])
+            .unwrap_err();
+
+        assert!(
+            temperature_error
+                .to_string()
+                .contains("+inf after dividing by the temperature"),
+            "{temperature_error}"
+        );
+        assert!(
+            penalty_error
+                .to_string()
+                .contains("+inf after the repetition penalty"),
+            "{penalty_error}"
+        );
+        assert!(
+            neg_error
+                .to_string()
+                .contains("every logit is -inf in the forward pass output"),
+            "{neg_error}"
+        );
     }
 
     #[test]

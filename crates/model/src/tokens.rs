@@ -97,14 +97,25 @@ impl TokenBatch {
         &self.ids
     }
 
-    /// Returns the padded row of batch item `b`.
-    pub fn row(&self, b: usize) -> &[u32] {
-        &self.ids[b * self.seq_len..(b + 1) * self.seq_len]
+    /// Returns the padded row of batch item `b`; an item beyond the batch is an error.
+    pub fn row(&self, b: usize) -> Result<&[u32]> {
+        if b >= self.batch {
+            return Err(ModelError::InvalidArgument(format!(
+                "batch item {b} is out of range: the token batch has {} items",
+                self.batch
+            )));
+        }
+        Ok(self.padded_row(b))
     }
 
-    /// Returns the real tokens of batch item `b`, without padding.
-    pub fn tokens(&self, b: usize) -> &[u32] {
-        &self.row(b)[self.pad[b]..]
+    /// Returns the real tokens of batch item `b`, without padding; an item beyond the batch is an
+    /// error.
+    pub fn tokens(&self, b: usize) -> Result<&[u32]> {
+        Ok(&self.row(b)?[self.pad[b]..])
+    }
+
+    fn padded_row(&self, b: usize) -> &[u32] {
+        &self.ids[b * self.seq_len..(b + 1) * self.seq_len]
     }
 
     /// Number of left-padding tokens of each item.
@@ -124,7 +135,7 @@ impl TokenBatch {
             if self.pad[b] >= self.seq_len {
                 return Err(ModelError::EmptyPrompt { item: b });
             }
-            for (position, &token) in self.row(b).iter().enumerate().skip(self.pad[b]) {
+            for (position, &token) in self.padded_row(b).iter().enumerate().skip(self.pad[b]) {
                 if token as usize >= d_vocab {
                     return Err(ModelError::TokenOutOfRange {
                         token,
