@@ -32,10 +32,41 @@ pub struct PromptArgs {
     pub chat: Option<PathBuf>,
 }
 
+/// The prompt of `generate` and `cache`: text, a chat file, or token ids (for a model without a
+/// tokenizer).
+#[derive(clap::Args, Clone, Debug)]
+#[group(required = true, multiple = false)]
+pub struct PromptOrIdsArgs {
+    /// Raw prompt text, tokenized without a chat template.
+    #[arg(long)]
+    pub prompt: Option<String>,
+
+    /// JSON file with a list of {"role", "content"} messages, formatted with the model's chat template.
+    #[arg(long)]
+    pub chat: Option<PathBuf>,
+
+    /// Token ids separated by commas, e.g. 785,3974,13876 (works without a tokenizer).
+    #[arg(long, value_delimiter = ',', num_args = 1.., allow_negative_numbers = true)]
+    pub ids: Option<Vec<u32>>,
+}
+
+/// wgpu's own crates log adapter probing failures (EGL, Vulkan) at error level, even when the
+/// backend falls back to the CPU as intended, so they are silenced unless the filter names them.
+const QUIET_WGPU: [&str; 2] = ["wgpu_hal=off", "wgpu_core=off"];
+
 /// Sets up `tracing` output on stderr with the given filter.
 pub fn init_logging(filter: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_new(filter)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let mut directives = filter.to_string();
+    for quiet in QUIET_WGPU {
+        let target = quiet.split('=').next().unwrap_or_default();
+        if !filter.contains(target) {
+            directives.push(',');
+            directives.push_str(quiet);
+        }
+    }
+
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,wgpu_hal=off,wgpu_core=off"));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -91,4 +122,27 @@ pub fn prompt_ids(model: &qwenlens_model::Model, prompt: &PromptArgs) -> anyhow:
         }
         (None, None) => anyhow::bail!("no prompt given; pass --prompt TEXT or --chat FILE"),
     }
+}
+
+/// Returns the ids of `--ids`, or tokenizes `--prompt` / `--chat` as [`prompt_ids`] does; a model
+/// without a tokenizer gets advice to pass `--ids`.
+pub fn prompt_or_ids(
+    model: &qwenlens_model::Model,
+    prompt: &PromptOrIdsArgs,
+) -> anyhow::Result<Vec<u32>> {
+    if let Some(ids) = &prompt.ids {
+        return Ok(ids.clone());
+    }
+    if model.tokenizer().is_none() {
+        anyhow::bail!(
+            "the model folder has no tokenizer.json, so --prompt and --chat cannot be tokenized; \
+             pass token ids with --ids 1,2,3, or add the tokenizer files to the folder"
+        );
+    }
+
+    let text_prompt = PromptArgs {
+        prompt: prompt.prompt.clone(),
+        chat: prompt.chat.clone(),
+    };
+    prompt_ids(model, &text_prompt)
 }

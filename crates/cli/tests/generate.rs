@@ -471,3 +471,333 @@ fn generate_temperature_turns_sampling_on() {
     assert_ne!(run(&["--temperature", "50", "--seed", "5"]), golden);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A copy of tiny-gqa with the given generation_config.json and, when asked, its tokenizer.
+fn tiny_gqa_copy(test: &str, generation_config: &str, with_tokenizer: bool) -> PathBuf {
+    let source = fixtures_dir().join("models/tiny-gqa");
+    let dir = temp_folder(test);
+    let mut files = vec!["config.json", "model.safetensors"];
+    if with_tokenizer {
+        files.extend(["tokenizer.json", "tokenizer_config.json"]);
+    }
+    for file in files {
+        std::fs::copy(source.join(file), dir.join(file)).expect("copying the fixture");
+    }
+    std::fs::write(dir.join("generation_config.json"), generation_config)
+        .expect("writing generation_config.json");
+    dir
+}
+
+fn cache_ids_to(out: &Path) -> Output {
+    let model = tiny_gqa();
+    qwenlens(&[
+        "cache",
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--ids",
+        "1,2",
+        "--names",
+        "^hook_embed$",
+        "--out",
+        &out.display().to_string(),
+    ])
+}
+
+#[cfg(unix)]
+#[test]
+fn cache_rejects_fifo_and_device_outputs() {
+    use std::os::unix::fs::FileTypeExt;
+    let dir = temp_folder("fifo-out");
+    let fifo = dir.join("out.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success());
+
+    let fifo_output = cache_ids_to(&fifo);
+    let device_output = cache_ids_to(Path::new("/dev/null"));
+
+    assert!(!fifo_output.status.success());
+    assert!(
+        stderr(&fifo_output).contains("is a FIFO, not a regular file"),
+        "{}",
+        stderr(&fifo_output)
+    );
+    assert!(
+        std::fs::symlink_metadata(&fifo)
+            .unwrap()
+            .file_type()
+            .is_fifo()
+    );
+    assert!(!device_output.status.success());
+    assert!(
+        stderr(&device_output).contains("is a device"),
+        "{}",
+        stderr(&device_output)
+    );
+}
+
+#[cfg(unix)]
+#[test]
+fn cache_through_a_symlink_writes_its_target() {
+    let dir = temp_folder("link-out");
+    let target = dir.join("target.safetensors");
+    let link = dir.join("link.safetensors");
+    std::fs::write(&target, "old").unwrap();
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+
+    let output = cache_ids_to(&link);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert!(safetensors_header(&target).contains_key("hook_embed"));
+}
+
+#[cfg(unix)]
+#[test]
+fn cache_file_gets_the_permissions_of_a_plain_create() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = temp_folder("mode-out");
+    let out = dir.join("cache.safetensors");
+    let probe = dir.join("probe");
+    std::fs::File::create(&probe).unwrap();
+
+    let output = cache_ids_to(&out);
+
+    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(mode(&out), mode(&probe));
+}
+
+#[test]
+fn cache_of_one_hook_says_activation() {
+    let dir = temp_folder("singular");
+    let out = dir.join("cache.safetensors");
+
+    let output = cache_ids_to(&out);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(
+        stdout(&output).starts_with("wrote 1 activation ("),
+        "{}",
+        stdout(&output)
+    );
+}
+
+#[test]
+fn cache_above_max_bytes_is_rejected() {
+    let dir = temp_folder("max-bytes");
+    let out = dir.join("cache.safetensors");
+    let model = tiny_gqa();
+    let args = |max_bytes: &str| {
+        qwenlens(&[
+            "cache",
+            "--model",
+            &model,
+            "--device",
+            "cpu",
+            "--ids",
+            "1,2",
+            "--names",
+            "^hook_embed$",
+            "--out",
+            &out.display().to_string(),
+            "--max-bytes",
+            max_bytes,
+        ])
+    };
+
+    let rejected = args("100");
+    let rejected_wrote = out.exists();
+    let allowed = args("1000000");
+
+    assert!(!rejected.status.success());
+    assert!(!rejected_wrote, "a rejected cache writes nothing");
+    let d_model = safetensors_header(&{
+        assert!(allowed.status.success(), "{}", stderr(&allowed));
+        out.clone()
+    })["hook_embed"]
+        .1[2];
+    let estimate = format!("about {} bytes", 2 * d_model * 4);
+    assert!(
+        stderr(&rejected).contains(&estimate),
+        "{}",
+        stderr(&rejected)
+    );
+    assert!(
+        stderr(&rejected).contains("--max-bytes 100"),
+        "{}",
+        stderr(&rejected)
+    );
+}
+
+#[test]
+fn negative_numbers_get_the_validation_message() {
+    let model = tiny_gqa();
+    for (flag, expected) in [
+        ("--temperature", "invalid temperature -1 from --temperature"),
+        ("--top-k", "-1 is negative; expected a whole number"),
+        (
+            "--max-new-tokens",
+            "-1 is negative; expected a whole number",
+        ),
+        ("--seed", "-1 is negative; expected a whole number"),
+        ("--ids", "-1 is not in 0.."),
+    ] {
+        let output = qwenlens(&[
+            "generate", "--model", &model, "--device", "cpu", "--ids", "1", flag, "-1",
+        ]);
+
+        assert!(!output.status.success(), "{flag}");
+        assert!(
+            !stderr(&output).contains("unexpected argument"),
+            "{flag}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains(expected),
+            "{flag}: {}",
+            stderr(&output)
+        );
+    }
+}
+
+#[test]
+fn generation_config_temperature_error_names_the_file() {
+    let model = tiny_gqa_copy(
+        "genconfig-temperature",
+        r#"{"do_sample": true, "temperature": 0.0}"#,
+        false,
+    );
+    let model = model.display().to_string();
+
+    let from_file = qwenlens(&[
+        "generate", "--model", &model, "--device", "cpu", "--ids", "1",
+    ]);
+    let tiny_flag = qwenlens(&[
+        "generate",
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--ids",
+        "1",
+        "--temperature",
+        "1e-46",
+    ]);
+    let greedy = qwenlens(&[
+        "generate",
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--ids",
+        "1",
+        "--greedy",
+        "--max-new-tokens",
+        "2",
+    ]);
+
+    assert!(!from_file.status.success());
+    let message = stderr(&from_file);
+    assert!(
+        message.contains("invalid temperature 0 from generation_config.json"),
+        "{message}"
+    );
+    assert!(message.contains("--greedy"), "{message}");
+    assert!(message.contains("--temperature T"), "{message}");
+    assert!(
+        stderr(&tiny_flag).contains("invalid temperature 1e-46 from --temperature"),
+        "{}",
+        stderr(&tiny_flag)
+    );
+    assert!(greedy.status.success(), "{}", stderr(&greedy));
+}
+
+#[test]
+fn generation_config_max_length_limits_new_tokens() {
+    let model = tiny_gqa_copy("genconfig-max-length", r#"{"max_length": 5}"#, false);
+    let model = model.display().to_string();
+
+    let output = qwenlens(&[
+        "generate",
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--ids",
+        "1,2",
+        "--greedy",
+        "--json",
+        "--ignore-eos",
+    ]);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    let last_line = stdout(&output).lines().last().unwrap().to_string();
+    assert_eq!(ids_of_json_line(&last_line).len(), 3, "{last_line}");
+}
+
+#[test]
+fn model_without_tokenizer_takes_ids_and_suggests_them() {
+    let model = tiny_gqa_copy("no-tokenizer", "{}", false);
+    let model = model.display().to_string();
+    let out = temp_folder("no-tokenizer-out").join("cache.safetensors");
+
+    let generated = qwenlens(&[
+        "generate",
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--ids",
+        "1,2",
+        "--greedy",
+        "--max-new-tokens",
+        "2",
+        "--json",
+    ]);
+    let cached = qwenlens(&[
+        "cache",
+        "--model",
+        &model,
+        "--device",
+        "cpu",
+        "--prompt",
+        "Hello",
+        "--out",
+        &out.display().to_string(),
+    ]);
+
+    assert!(generated.status.success(), "{}", stderr(&generated));
+    let last_line = stdout(&generated).lines().last().unwrap().to_string();
+    assert_eq!(ids_of_json_line(&last_line).len(), 2, "{last_line}");
+    assert!(!cached.status.success());
+    assert!(stderr(&cached).contains("--ids"), "{}", stderr(&cached));
+}
+
+#[test]
+fn auto_device_prints_no_wgpu_errors() {
+    let model = tiny_gqa();
+
+    let output = qwenlens(&[
+        "generate",
+        "--model",
+        &model,
+        "--ids",
+        "1,2",
+        "--greedy",
+        "--max-new-tokens",
+        "1",
+        "--log",
+        "error",
+    ]);
+
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("wgpu_hal"), "{}", stderr(&output));
+    assert!(!stderr(&output).contains("EGL"), "{}", stderr(&output));
+}

@@ -12,7 +12,8 @@ use crate::{Backend, KernelError, Result};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum Device {
     /// A hardware GPU when one exists, otherwise the CPU backend. Software adapters such as lavapipe
-    /// are skipped, because they are slower than the CPU backend.
+    /// are skipped, because they are slower than the CPU backend, and only Vulkan, Metal and DX12
+    /// are probed unless `WGPU_BACKEND` says otherwise.
     #[default]
     Auto,
     /// The best GPU adapter, software adapters included; an error when there is none.
@@ -69,8 +70,15 @@ pub fn create_backend(device: Device) -> Result<Arc<dyn Backend>> {
         Device::Cpu => Arc::new(CpuBackend::new()),
         Device::Gpu => Arc::new(GpuBackend::new(GpuOptions::default())?),
         Device::Auto => {
+            // Only the native APIs are probed: probing GL opens EGL, which logs errors on a
+            // machine without a display, and a GL adapter would lose to the CPU backend anyway.
+            // WGPU_BACKEND still chooses when set.
+            let backends = std::env::var_os("WGPU_BACKEND")
+                .is_none()
+                .then_some(wgpu::Backends::PRIMARY);
             let options = GpuOptions {
                 hardware_only: true,
+                backends,
                 ..GpuOptions::default()
             };
             match GpuBackend::new(options) {

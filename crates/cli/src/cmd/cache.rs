@@ -5,25 +5,15 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use qwenlens_model::{BlockHook, HookFilter, HookPoint, LogitRows, RunOptions, TokenBatch};
 
-use crate::common::{ModelArgs, PromptArgs};
+use crate::common::{ModelArgs, PromptOrIdsArgs};
 
 #[derive(clap::Args)]
-#[command(group(clap::ArgGroup::new("input").required(true).multiple(false)))]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
 
-    /// Raw prompt text, tokenized without a chat template.
-    #[arg(long, group = "input")]
-    pub prompt: Option<String>,
-
-    /// JSON file with a list of {"role", "content"} messages, formatted with the model's chat template.
-    #[arg(long, group = "input")]
-    pub chat: Option<PathBuf>,
-
-    /// Token ids separated by commas, e.g. 785,3974,13876.
-    #[arg(long, group = "input", value_delimiter = ',', num_args = 1..)]
-    pub ids: Option<Vec<u32>>,
+    #[command(flatten)]
+    pub prompt: PromptOrIdsArgs,
 
     /// Regular expression selecting hook names, TransformerLens strings such as
     /// `blocks.0.attn.hook_pattern`. It matches anywhere in the name, so anchor it with ^ and $ for
@@ -35,7 +25,15 @@ pub struct Args {
     /// Output safetensors file, one tensor per hook name, float32, batch dimension of 1 kept.
     #[arg(long, value_name = "FILE")]
     pub out: PathBuf,
+
+    /// Largest output file to write, in bytes; the size is estimated before the run and a larger
+    /// cache is rejected (it also needs about that much memory).
+    #[arg(long, value_name = "BYTES", default_value_t = DEFAULT_MAX_BYTES)]
+    pub max_bytes: u64,
 }
+
+/// 2 GB: the default --names on Qwen2.5-0.5B write about this much for a prompt of 300 tokens.
+const DEFAULT_MAX_BYTES: u64 = 2_000_000_000;
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     check_output_folder(&args.out)?;
@@ -44,16 +42,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let n_layers = model.config().n_layers();
     let points = selected_points(args.names.as_deref(), n_layers)?;
 
-    let prompt_ids = match &args.ids {
-        Some(ids) => ids.clone(),
-        None => {
-            let prompt = PromptArgs {
-                prompt: args.prompt.clone(),
-                chat: args.chat.clone(),
-            };
-            crate::common::prompt_ids(&model, &prompt)?
-        }
-    };
+    let prompt_ids = crate::common::prompt_or_ids(&model, &args.prompt)?;
+    check_size(&model, &points, prompt_ids.len(), args.max_bytes)?;
     tracing::info!(
         tokens = prompt_ids.len(),
         hooks = points.len(),
@@ -74,9 +64,14 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let bytes = std::fs::metadata(&args.out)
         .with_context(|| format!("reading the size of {}", args.out.display()))?
         .len();
+    let count = cache.len();
+    let noun = if count == 1 {
+        "activation"
+    } else {
+        "activations"
+    };
     println!(
-        "wrote {} activations ({bytes} bytes) to {}",
-        cache.len(),
+        "wrote {count} {noun} ({bytes} bytes) to {}",
         args.out.display()
     );
     Ok(())
@@ -99,6 +94,33 @@ fn check_output_folder(out: &Path) -> anyhow::Result<()> {
         anyhow::bail!(
             "--out {} is a folder; give a file path such as cache.safetensors",
             out.display()
+        );
+    }
+    qwenlens_model::output_target(out).context("checking --out")?;
+    Ok(())
+}
+
+/// Rejects a cache whose file would be larger than `max_bytes`, before anything runs.
+fn check_size(
+    model: &qwenlens_model::Model,
+    points: &[HookPoint],
+    n_tokens: usize,
+    max_bytes: u64,
+) -> anyhow::Result<()> {
+    let config = model.config();
+    let bytes = points
+        .iter()
+        .map(|point| point.numel(config, 1, n_tokens).saturating_mul(4))
+        .fold(0u64, u64::saturating_add);
+    tracing::info!(bytes, "estimated activation cache size");
+
+    if bytes > max_bytes {
+        anyhow::bail!(
+            "the {} selected activations of {n_tokens} tokens would take about {bytes} bytes \
+             ({:.1} GB) on disk and in memory, above --max-bytes {max_bytes}; select fewer hooks \
+             with --names, shorten the prompt, or raise --max-bytes",
+            points.len(),
+            bytes as f64 / 1e9
         );
     }
     Ok(())
