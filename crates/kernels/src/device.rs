@@ -73,6 +73,8 @@ pub fn create_backend(device: Device) -> Result<Arc<dyn Backend>> {
             // Only the native APIs are probed: probing GL opens EGL, which logs errors on a
             // machine without a display, and a GL adapter would lose to the CPU backend anyway.
             // WGPU_BACKEND still chooses when set.
+            // NOTE: without XDG_RUNTIME_DIR, libwayland-client prints "XDG_RUNTIME_DIR is invalid"
+            // to stderr itself while the Vulkan adapters are enumerated; no log filter reaches it.
             let backends = std::env::var_os("WGPU_BACKEND")
                 .is_none()
                 .then_some(wgpu::Backends::PRIMARY);
