@@ -13,11 +13,12 @@
 // Override W_DTYPE selects the weight dtype: 0 f32, 1 f16, 2 bf16. Every row of x and w must start on
 // a 16-byte boundary: k a multiple of 4 (f32) or 8 (f16, bf16); the host uses matmul_reg4x4 otherwise.
 //
-// Each invocation computes a 4×4 output block. lavapipe runs 8 invocations per SIMD vector and turns
-// every load whose address differs between them into per-lane scalar loads, so the block reads each
-// 16-byte vector once and reuses it four times.
+// Each invocation computes a ROWS × 4 output block (ROWS = 4). lavapipe (Mesa 22.3) runs 8
+// invocations per SIMD vector, so a load whose address differs between them costs a load per lane.
+// The block reads each 16-byte vector once and reuses it four times. With ROWS = 8 it ran about 15 %
+// slower per CPU second on lavapipe, because the accumulators no longer fit in registers.
 //
-// Dispatch: workgroup 8×8, (ceil(nc / 32), ceil(m / 32), 1).
+// Dispatch: workgroup 8×8, (ceil(nc / 32), ceil(m / (8 · ROWS)), 1).
 
 override W_DTYPE: u32 = 0u;
 
@@ -81,23 +82,22 @@ fn unpack_high(q: vec4<u32>) -> vec4<f32> {
     return bitcast<vec4<f32>>(q & vec4<u32>(0xffff0000u));
 }
 
-// Adds the products of four x rows with four weight rows over four k positions: `xs[i]` holds row i
-// and `ws[j]` weight row j at the same k positions.
-fn accumulate(acc: ptr<function, array<vec4<f32>, 4>>, xs: array<vec4<f32>, 4>, ws: array<vec4<f32>, 4>) {
-    // Columns of the transposed weight block: wt[kk][j] = ws[j][kk].
-    let wt0 = vec4<f32>(ws[0].x, ws[1].x, ws[2].x, ws[3].x);
-    let wt1 = vec4<f32>(ws[0].y, ws[1].y, ws[2].y, ws[3].y);
-    let wt2 = vec4<f32>(ws[0].z, ws[1].z, ws[2].z, ws[3].z);
-    let wt3 = vec4<f32>(ws[0].w, ws[1].w, ws[2].w, ws[3].w);
-    for (var i = 0u; i < 4u; i++) {
-        let xv = xs[i];
-        (*acc)[i] += xv.x * wt0 + xv.y * wt1 + xv.z * wt2 + xv.w * wt3;
-    }
+// Rows of x per invocation. The host's workgroup row count (8 · ROWS) must change with it.
+const ROWS: u32 = 4u;
+
+// Transposes four weight vectors: column kk of the result holds element kk of every weight row.
+fn transpose(ws: array<vec4<f32>, 4>) -> array<vec4<f32>, 4> {
+    return array<vec4<f32>, 4>(
+        vec4<f32>(ws[0].x, ws[1].x, ws[2].x, ws[3].x),
+        vec4<f32>(ws[0].y, ws[1].y, ws[2].y, ws[3].y),
+        vec4<f32>(ws[0].z, ws[1].z, ws[2].z, ws[3].z),
+        vec4<f32>(ws[0].w, ws[1].w, ws[2].w, ws[3].w),
+    );
 }
 
 @compute @workgroup_size(8, 8, 1)
 fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
-    let r0 = gid.y * 4u;
+    let r0 = gid.y * ROWS;
     let c0 = gid.x * 4u;
     if r0 >= p.m || c0 >= p.nc {
         return;
@@ -106,53 +106,46 @@ fn matmul_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
     // Out-of-range rows and columns are clamped to the last valid one and never stored, so the inner
     // loop needs no branches. Indices count vec4 elements.
     let xk = p.k / 4u;
-    var xr: array<u32, 4>;
+    var xr: array<u32, ROWS>;
     var wr: array<u32, 4>;
     let wk = select(p.k / 8u, p.k / 4u, W_DTYPE == 0u);
-    for (var i = 0u; i < 4u; i++) {
+    for (var i = 0u; i < ROWS; i++) {
         xr[i] = p.x_base / 4u + min(r0 + i, p.m - 1u) * xk;
-        wr[i] = min(c0 + i, p.nc - 1u) * wk;
+    }
+    for (var j = 0u; j < 4u; j++) {
+        wr[j] = min(c0 + j, p.nc - 1u) * wk;
     }
 
-    var acc: array<vec4<f32>, 4>;
+    var acc: array<vec4<f32>, ROWS>;
     if W_DTYPE == 0u {
         for (var t = 0u; t < wk; t++) {
-            let xs = array<vec4<f32>, 4>(x[xr[0] + t], x[xr[1] + t], x[xr[2] + t], x[xr[3] + t]);
-            let ws = array<vec4<f32>, 4>(
+            let wt = transpose(array<vec4<f32>, 4>(
                 bitcast<vec4<f32>>(w[wr[0] + t]),
                 bitcast<vec4<f32>>(w[wr[1] + t]),
                 bitcast<vec4<f32>>(w[wr[2] + t]),
                 bitcast<vec4<f32>>(w[wr[3] + t]),
-            );
-            accumulate(&acc, xs, ws);
+            ));
+            for (var i = 0u; i < ROWS; i++) {
+                let xv = x[xr[i] + t];
+                acc[i] += xv.x * wt[0] + xv.y * wt[1] + xv.z * wt[2] + xv.w * wt[3];
+            }
         }
     } else {
         for (var t = 0u; t < wk; t++) {
-            // The 8 x values of each row split into the even positions (low halves of the packed
-            // weights) and the odd positions (high halves).
-            var x_even: array<vec4<f32>, 4>;
-            var x_odd: array<vec4<f32>, 4>;
-            for (var i = 0u; i < 4u; i++) {
+            let q = array<vec4<u32>, 4>(w[wr[0] + t], w[wr[1] + t], w[wr[2] + t], w[wr[3] + t]);
+            let lo = transpose(array<vec4<f32>, 4>(unpack_low(q[0]), unpack_low(q[1]), unpack_low(q[2]), unpack_low(q[3])));
+            let hi = transpose(array<vec4<f32>, 4>(unpack_high(q[0]), unpack_high(q[1]), unpack_high(q[2]), unpack_high(q[3])));
+            for (var i = 0u; i < ROWS; i++) {
+                // x positions 0, 2, 4, 6 pair with the low halves, 1, 3, 5, 7 with the high ones.
                 let a = x[xr[i] + 2u * t];
                 let b = x[xr[i] + 2u * t + 1u];
-                x_even[i] = vec4<f32>(a.x, a.z, b.x, b.z);
-                x_odd[i] = vec4<f32>(a.y, a.w, b.y, b.w);
+                acc[i] += a.x * lo[0] + a.z * lo[1] + b.x * lo[2] + b.z * lo[3]
+                    + a.y * hi[0] + a.w * hi[1] + b.y * hi[2] + b.w * hi[3];
             }
-            let q = array<vec4<u32>, 4>(w[wr[0] + t], w[wr[1] + t], w[wr[2] + t], w[wr[3] + t]);
-            accumulate(
-                &acc,
-                x_even,
-                array<vec4<f32>, 4>(unpack_low(q[0]), unpack_low(q[1]), unpack_low(q[2]), unpack_low(q[3])),
-            );
-            accumulate(
-                &acc,
-                x_odd,
-                array<vec4<f32>, 4>(unpack_high(q[0]), unpack_high(q[1]), unpack_high(q[2]), unpack_high(q[3])),
-            );
         }
     }
 
-    for (var i = 0u; i < 4u; i++) {
+    for (var i = 0u; i < ROWS; i++) {
         if r0 + i < p.m {
             for (var j = 0u; j < 4u; j++) {
                 if c0 + j < p.nc {

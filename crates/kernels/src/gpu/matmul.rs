@@ -124,17 +124,21 @@ impl GpuBackend {
         let use_gemv = m <= self.gemv_max_rows;
         let rows_aligned = (k * w.dtype().size_in_bytes()).is_multiple_of(16);
         let vec4 = self.vec4_loads && rows_aligned;
+        // Each pipeline comes with the output columns and rows that one workgroup covers.
         let (pipelines, block) = match (use_gemv, self.matmul_kernel) {
-            (true, MatmulKernel::RegisterBlocked) => (&self.pipelines.gemv, 64),
-            (true, MatmulKernel::Tiled) => (&self.pipelines.gemv_coop, 1),
-            (false, MatmulKernel::RegisterBlocked) => (&self.pipelines.matmul_reg4x4, 32),
-            (false, MatmulKernel::Tiled) => (&self.pipelines.matmul_tiled, 16),
+            (true, MatmulKernel::RegisterBlocked) => (&self.pipelines.gemv, (64, 1)),
+            (true, MatmulKernel::Tiled) => (&self.pipelines.gemv_coop, (1, 1)),
+            (false, MatmulKernel::RegisterBlocked) => (&self.pipelines.matmul_reg4x4, (32, 32)),
+            (false, MatmulKernel::Tiled) => (&self.pipelines.matmul_tiled, (16, 16)),
         };
         let vec4_variant = match (use_gemv, self.matmul_kernel) {
             // 4 columns per invocation in workgroups of 64.
-            (true, MatmulKernel::RegisterBlocked) if vec4 => Some((&self.pipelines.gemv_vec4, 256)),
+            (true, MatmulKernel::RegisterBlocked) if vec4 => {
+                Some((&self.pipelines.gemv_vec4, (256, 1)))
+            }
+            // 4 × 4 outputs per invocation in workgroups of 8 × 8.
             (false, MatmulKernel::RegisterBlocked) if vec4 => {
-                Some((&self.pipelines.matmul_vec4, 32))
+                Some((&self.pipelines.matmul_vec4, (32, 32)))
             }
             _ => None,
         };
@@ -168,15 +172,14 @@ impl GpuBackend {
                     out_window.base,
                     bias_mode,
                 ];
-                let grid = if use_gemv && block == 1 {
+                let (block_cols, block_rows) = block;
+                let grid = if use_gemv && block_cols == 1 {
                     let [x, y, _] = self.ctx.grid(op, chunk.rows, 1)?;
                     [x, y, mc as u32]
-                } else if use_gemv {
-                    [chunk.rows.div_ceil(block) as u32, mc as u32, 1]
                 } else {
                     [
-                        chunk.rows.div_ceil(block) as u32,
-                        mc.div_ceil(block) as u32,
+                        chunk.rows.div_ceil(block_cols) as u32,
+                        mc.div_ceil(block_rows) as u32,
                         1,
                     ]
                 };
