@@ -85,12 +85,12 @@ fn gemv_vec4(@builtin(global_invocation_id) gid: vec3<u32>) {
     // branches. Indices count vec4 elements.
     let xb = p.x_base / 4u + row * (p.k / 4u);
     let wk = select(p.k / 8u, p.k / 4u, W_DTYPE == 0u);
-    var wr: array<u32, 4>;
+    var wr: array<u32, COLS>;
     for (var j = 0u; j < COLS; j++) {
         wr[j] = min(c0 + j, p.nc - 1u) * wk;
     }
 
-    var acc: array<vec4<f32>, 4>;
+    var acc: array<vec4<f32>, COLS>;
     if W_DTYPE == 0u {
         for (var t = 0u; t < wk; t++) {
             let xv = x[xb + t];
