@@ -641,6 +641,8 @@ fn negative_numbers_get_the_validation_message() {
     let model = tiny_gqa();
     for (flag, expected) in [
         ("--temperature", "invalid temperature -1 from --temperature"),
+        ("--top-p", "invalid top_p -1 from --top-p"),
+        ("--repetition-penalty", "invalid repetition_penalty -1 from"),
         ("--top-k", "-1 is negative; expected a whole number"),
         (
             "--max-new-tokens",

@@ -204,9 +204,12 @@ fn sampling(args: &Args, model: &Model) -> anyhow::Result<Sampling> {
     if sampling.do_sample
         && let Some((value, source)) = from(args.top_p, "--top-p", config.top_p)
     {
-        if !(value > 0.0 && value <= 1.0) {
+        let rounds_to_zero = to_f32(value).is_none_or(|p| p <= 0.0);
+        if !(value > 0.0 && value <= 1.0) || rounds_to_zero {
             anyhow::bail!(
-                "invalid top_p {value} from {source}: expected a number in (0, 1]{}",
+                "invalid top_p {} from {source}: expected a number in (0, 1], at least {:e}{}",
+                number(value),
+                f32::from_bits(1),
                 advice(source, "--top-p P")
             );
         }
