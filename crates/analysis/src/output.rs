@@ -2,48 +2,26 @@
 //! is then renamed over the target, so a reader never sees a half-written file.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::RgbImage;
 use serde::Serialize;
 
 use crate::error::{AnalysisError, Result};
 
-/// Writes `bytes` to `path` through a temporary file in the same folder renamed into place.
+/// Writes `bytes` to `path` through a temporary file in the same folder renamed into place,
+/// creating the folder first. The model crate's [`qwenlens_model::write_atomic`] does the write, so
+/// a symbolic link's target is written and a folder, FIFO or device in the way is rejected.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let io_error = |action, source| AnalysisError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
-    };
-
-    let dir = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&dir).map_err(|e| io_error("create the folder of", e))?;
-
-    let file_name = path.file_name().ok_or_else(|| {
-        AnalysisError::InvalidArgument(format!("output path {} has no file name", path.display()))
-    })?;
-    let temp = dir.join(format!(
-        ".{}.tmp-{}",
-        file_name.to_string_lossy(),
-        std::process::id()
-    ));
-
-    let result = (|| {
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(bytes)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path)
-    })();
-    if let Err(source) = result {
-        // The temporary file is garbage once the write failed; a failure to remove it changes nothing.
-        let _ = std::fs::remove_file(&temp);
-        return Err(io_error("write", source));
+    if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).map_err(|source| AnalysisError::Io {
+            action: "create the folder of",
+            path: path.to_path_buf(),
+            source,
+        })?;
     }
 
+    qwenlens_model::write_atomic(path, |writer| writer.write_all(bytes))?;
     tracing::debug!(path = %path.display(), bytes = bytes.len(), "wrote file");
     Ok(())
 }
@@ -135,6 +113,19 @@ mod tests {
             leftovers.is_empty(),
             "temporary files left behind: {leftovers:?}"
         );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn write_atomic_rejects_a_folder_in_the_way() {
+        let dir = std::env::temp_dir().join(format!("qwenlens-folder-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("out.png")).unwrap();
+
+        let error = write_atomic(&dir.join("out.png"), b"png")
+            .unwrap_err()
+            .to_string();
+
+        assert!(error.contains("not a regular file"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
