@@ -35,7 +35,16 @@ struct Case {
     dtype: DType,
 }
 
-const CASES: [Case; 6] = [
+const CASES: [Case; 7] = [
+    // Almost no arithmetic: the time per call is the overhead of one matmul (output and uniform
+    // buffers, bind group, error scopes, submit and wait).
+    Case {
+        name: "overhead f32 1x8x8",
+        m: 1,
+        k: 8,
+        n: 8,
+        dtype: DType::F32,
+    },
     Case {
         name: "gemm f32 1024x1024x1024",
         m: 1024,
@@ -137,7 +146,7 @@ fn open(label: &'static str, kernel: MatmulKernel, vec4_loads: bool) -> Option<V
 }
 
 fn main() {
-    let wanted: Vec<String> = std::env::var("LAVAPIPE_BENCH_CASES")
+    let requested_cases: Vec<String> = std::env::var("LAVAPIPE_BENCH_CASES")
         .map(|list| list.split(',').map(|s| s.trim().to_lowercase()).collect())
         .unwrap_or_default();
     let rounds: usize = std::env::var("LAVAPIPE_BENCH_ROUNDS")
@@ -167,7 +176,11 @@ fn main() {
     );
 
     for case in &CASES {
-        if !wanted.is_empty() && !wanted.iter().any(|w| case.name.contains(w.as_str())) {
+        if !requested_cases.is_empty()
+            && !requested_cases
+                .iter()
+                .any(|requested| case.name.contains(requested.as_str()))
+        {
             continue;
         }
 

@@ -12,8 +12,9 @@
 // Override W_DTYPE selects the weight dtype: 0 f32, 1 f16, 2 bf16. Accumulation is f32.
 //
 // Entry points and dispatch sizes:
-//   matmul_reg4x4  workgroup 8×8, each invocation a 4×4 output block, no workgroup memory (fastest on
-//                  lavapipe): dispatch (ceil(nc / 32), ceil(m / 32), 1)
+//   matmul_reg4x4  workgroup 8×8, each invocation a 4×4 output block, no workgroup memory, for CPU
+//                  adapters when rows do not start on 16-byte boundaries (matmul_vec4.wgsl covers
+//                  the aligned case): dispatch (ceil(nc / 32), ceil(m / 32), 1)
 //   matmul_tiled   workgroup 16×16, 16×16 tiles of x and w staged in workgroup memory (real GPUs):
 //                  dispatch (ceil(nc / 16), ceil(m / 16), 1)
 //   gemv           workgroup 64, one invocation per output element, for decode-sized m on CPU

@@ -29,9 +29,10 @@ pub const SHADER_FILES: &[(&str, &str)] = pipelines::SHADER_FILES;
 /// and the GEMV kernel that goes with it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MatmulKernel {
-    /// 4×4 output blocks per invocation without workgroup memory, and a GEMV with one invocation per
-    /// output element. Fastest on lavapipe and other CPU adapters, where workgroup barriers are
-    /// expensive.
+    /// 4×4 output blocks per invocation without workgroup memory, and a GEMV without workgroup
+    /// memory (4 output columns per invocation). Both load 16 bytes at a time where rows allow it
+    /// (see [`GpuOptions::vec4_loads`]). Fastest on lavapipe and other CPU adapters, where workgroup
+    /// barriers are expensive.
     RegisterBlocked,
     /// 16×16 tiles staged in workgroup memory, and a GEMV whose workgroup shares each output element.
     /// The usual choice on real GPUs.
