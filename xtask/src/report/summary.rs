@@ -145,7 +145,7 @@ pub struct HeadAttention {
     pub mean_distance: f32,
     /// Mean weight along induction targets, when the prompt repeats tokens.
     pub induction_score: Option<f32>,
-    /// The clear behaviour (`previous-token`, `sink`, `induction-candidate`), if any.
+    /// The clear behaviour (`previous-token`, `self`, `sink`, `induction-candidate`), if any.
     pub label: Option<String>,
 }
 

@@ -34,7 +34,7 @@ const LABEL_CHARS: usize = 12;
 /// Description of the tokens the losses are computed on, as written to the summary.
 const SCORED_TOKENS: &str = "the prompt followed by the clean completion";
 
-/// The chat, its rendered text and its tokens.
+/// The rendered chat's token ids, and each token decoded on its own.
 pub struct Prompt {
     pub ids: Vec<u32>,
     pub tokens: Vec<String>,
@@ -406,10 +406,7 @@ fn head_attention(stats: &HeadStats, group_size: usize) -> HeadAttention {
 }
 
 fn label_name(label: qwenlens_analysis::attention::HeadLabel) -> String {
-    serde_json::to_value(label)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default()
+    label.name().to_string()
 }
 
 fn analyse_attention(
