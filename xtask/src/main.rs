@@ -23,10 +23,19 @@ enum Task {
     Bench(bench::Args),
 }
 
-fn main() -> anyhow::Result<()> {
-    match Cli::parse().task {
+/// Runs the task and prints an error as its chain of causes. It skips the backtrace that anyhow's
+/// `Debug` adds when RUST_BACKTRACE is set, because a usage error is not a crash.
+fn main() -> std::process::ExitCode {
+    let result = match Cli::parse().task {
         Task::ValidateShaders(args) => validate_shaders::run(args),
         Task::RunAnalysis(args) => run_analysis::run(args),
         Task::Bench(args) => bench::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
     }
 }

@@ -327,6 +327,13 @@ fn check_prompt(model: &Model, tokens: &[u32], options: &SweepOptions) -> Result
             return Err(AnalysisError::TokenOutOfRange { id, d_vocab });
         }
     }
+    if let Metric::LogitDiff { answer, wrong } = options.metric
+        && answer == wrong
+    {
+        return Err(AnalysisError::InvalidArgument(format!(
+            "the target and the distractor are the same token (id {answer}), so the logit difference is always 0; pass a different --distractor"
+        )));
+    }
     Ok(())
 }
 

@@ -19,7 +19,7 @@ use qwenlens_model::{
 
 use crate::error::{AnalysisError, Result};
 use crate::metrics::logit_difference;
-use crate::output::{write_json, write_png};
+use crate::output::{check_output_paths, write_json, write_png};
 use crate::render::{ColorScale, Heatmap};
 use crate::tokens::{DEFAULT_LABEL_WIDTH, position_labels};
 
@@ -146,6 +146,12 @@ pub fn activation_patching(
         if id as usize >= d_vocab {
             return Err(AnalysisError::TokenOutOfRange { id, d_vocab });
         }
+    }
+    if options.answer == options.wrong {
+        return Err(AnalysisError::InvalidArgument(format!(
+            "the answer and the wrong token are the same token (id {}), so their logit difference is always 0; pass a different --wrong token",
+            options.answer
+        )));
     }
 
     let n_layers = model.config().n_layers();
@@ -419,6 +425,14 @@ impl ActivationPatchReport {
         let mut written = Vec::new();
 
         let json = dir.join("activation_patching.json");
+        let mut paths = vec![json.clone()];
+        paths.extend(
+            self.grids
+                .iter()
+                .map(|grid| dir.join(format!("{}.png", grid.target.name()))),
+        );
+        check_output_paths(&paths)?;
+
         write_json(&json, self)?;
         written.push(json);
 

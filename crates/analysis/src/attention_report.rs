@@ -8,7 +8,7 @@ use qwenlens_model::{BlockHook, HookFilter, HookPoint, HostTensor, Model, TokenB
 
 use crate::attention::{HeadStats, head_name, head_stats};
 use crate::error::{AnalysisError, Result};
-use crate::output::{write_json, write_png};
+use crate::output::{check_output_paths, write_json, write_png};
 use crate::render::{ColorScale, Heatmap, render_grid};
 use crate::tokens::{DEFAULT_LABEL_WIDTH, position_labels};
 
@@ -179,6 +179,18 @@ impl AttentionReport {
         let mut written = Vec::new();
 
         let json_path = dir.join("attention.json");
+        let mut paths = vec![json_path.clone()];
+        for layer in &self.layers {
+            paths.extend(
+                layer
+                    .heads
+                    .iter()
+                    .map(|&head| dir.join(format!("{}.png", head_name(layer.layer, head)))),
+            );
+            paths.push(dir.join(format!("L{}_grid.png", layer.layer)));
+        }
+        check_output_paths(&paths)?;
+
         write_json(&json_path, &self.to_json())?;
         written.push(json_path);
 

@@ -24,7 +24,8 @@ pub enum AnalysisError {
 
     /// A prompt too short for the requested analysis.
     #[error(
-        "{what} needs a prompt of at least {min} tokens, but the prompt has {tokens}; use a longer prompt"
+        "{what} needs a prompt of at least {}, but the prompt has {tokens}; use a longer prompt",
+        count_tokens(*min)
     )]
     PromptTooShort {
         tokens: usize,
@@ -50,12 +51,13 @@ pub enum AnalysisError {
     #[error(transparent)]
     Model(#[from] qwenlens_model::ModelError),
 
-    /// A file could not be read or written.
-    #[error("failed to {action} {path}: {source}")]
+    /// A file could not be read or written. The I/O error is part of the message and not a
+    /// `source`, so an error chain printed with `{:#}` names it once.
+    #[error("failed to {action} {path}: {error}")]
     Io {
         action: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 
     /// A PNG could not be encoded or decoded.
@@ -73,5 +75,49 @@ pub enum AnalysisError {
     },
 }
 
+/// "1 token", "2 tokens": a token count with the noun in the right number.
+pub fn count_tokens(n: usize) -> String {
+    if n == 1 {
+        "1 token".to_string()
+    } else {
+        format!("{n} tokens")
+    }
+}
+
 /// Result alias of the analysis crate.
 pub type Result<T, E = AnalysisError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prompt_too_short_uses_the_singular_for_one_token() {
+        let text = AnalysisError::PromptTooShort {
+            tokens: 0,
+            min: 1,
+            what: "the logit lens",
+        }
+        .to_string();
+        assert!(text.contains("at least 1 token,"), "{text}");
+
+        let text = AnalysisError::PromptTooShort {
+            tokens: 1,
+            min: 2,
+            what: "patching",
+        }
+        .to_string();
+        assert!(text.contains("at least 2 tokens,"), "{text}");
+    }
+
+    #[test]
+    fn io_errors_are_named_once_in_the_chain() {
+        let error = AnalysisError::Io {
+            action: "read",
+            path: PathBuf::from("missing.npy"),
+            error: std::io::Error::from(std::io::ErrorKind::NotFound),
+        };
+        assert!(error.to_string().contains("not found"), "{error}");
+        assert!(std::error::Error::source(&error).is_none());
+    }
+}

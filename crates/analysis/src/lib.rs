@@ -11,6 +11,7 @@ pub mod activation_patching;
 pub mod attention;
 pub mod attention_report;
 pub mod error;
+pub mod layers;
 pub mod logit_lens;
 pub mod metrics;
 pub mod output;

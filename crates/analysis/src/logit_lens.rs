@@ -12,6 +12,7 @@
 //! `component · (w ⊙ W_U[target]) / s`, `w` being the final RMSNorm weight, and the contributions
 //! add up to the target's logit.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -23,7 +24,7 @@ use qwenlens_model::{
 use crate::attention_report::token_texts;
 use crate::error::{AnalysisError, Result};
 use crate::metrics::{argmax, log_softmax, rank_of, top_k};
-use crate::output::{write_json, write_png};
+use crate::output::{check_output_paths, write_json, write_png};
 use crate::render::{ColorScale, Heatmap};
 use crate::tokens::{DEFAULT_LABEL_WIDTH, position_labels, token_label};
 
@@ -81,6 +82,10 @@ pub struct LogitLensReport {
     pub n_heads: usize,
 }
 
+/// Maximum number of tokens listed per layer. Each listed token is decoded on its own, which costs
+/// tens of milliseconds with a full-size vocabulary, so longer lists make the lens slow.
+pub const MAX_TOP: usize = 100;
+
 /// Runs the logit lens and the direct logit attribution for `target` (default: the model's greedy
 /// next token after the prompt), listing `top` tokens per layer.
 pub fn logit_lens(
@@ -98,6 +103,11 @@ pub fn logit_lens(
             min: 1,
             what: "the logit lens",
         });
+    }
+    if top == 0 || top > MAX_TOP {
+        return Err(AnalysisError::InvalidArgument(format!(
+            "--top {top} is out of range: list between 1 and {MAX_TOP} tokens per layer"
+        )));
     }
     if let Some(id) = target
         && id as usize >= d_vocab
@@ -123,7 +133,14 @@ pub fn logit_lens(
     let target = target.unwrap_or_else(|| argmax(&last_logits));
 
     let texts = token_texts(model, tokens);
-    let decode = |id: u32| token_texts(model, &[id]).remove(0);
+    // Layers share most of their top tokens, so each id is decoded once.
+    let mut decoded: HashMap<u32, String> = HashMap::new();
+    let mut decode = |id: u32| {
+        decoded
+            .entry(id)
+            .or_insert_with(|| token_texts(model, &[id]).remove(0))
+            .clone()
+    };
 
     let mut snapshots: Vec<HookPoint> = (0..n_layers)
         .map(|l| HookPoint::block(l, BlockHook::ResidPre))
@@ -345,10 +362,12 @@ impl LogitLensReport {
     /// Writes `logit_lens.json`, `logit_lens.png` and `dla.png` into `dir`; returns the paths.
     pub fn write(&self, dir: &Path) -> Result<Vec<PathBuf>> {
         let json = dir.join("logit_lens.json");
-        write_json(&json, self)?;
         let lens = dir.join("logit_lens.png");
-        write_png(&lens, &self.lens_heatmap().render())?;
         let dla = dir.join("dla.png");
+        check_output_paths(&[&json, &lens, &dla])?;
+
+        write_json(&json, self)?;
+        write_png(&lens, &self.lens_heatmap().render())?;
         write_png(&dla, &self.attribution_heatmap().render())?;
         Ok(vec![json, lens, dla])
     }

@@ -9,15 +9,62 @@ use serde::Serialize;
 
 use crate::error::{AnalysisError, Result};
 
+/// Checks that the folder `dir` can hold output files: it is a folder already, or it can be
+/// created because every part of its path that exists is a folder. Run before the work, so a wrong
+/// `--out` fails at once rather than after the forward passes.
+pub fn check_output_dir(dir: &Path) -> Result<()> {
+    for ancestor in dir.ancestors().filter(|a| !a.as_os_str().is_empty()) {
+        match std::fs::metadata(ancestor) {
+            Ok(meta) if meta.is_dir() => return Ok(()),
+            Ok(_) if ancestor == dir => {
+                return Err(AnalysisError::InvalidArgument(format!(
+                    "--out {} is a file, but it must name a folder (created if missing); choose another path",
+                    dir.display()
+                )));
+            }
+            Ok(_) => {
+                return Err(AnalysisError::InvalidArgument(format!(
+                    "cannot create the output folder {}: {} is a file, not a folder; choose another --out",
+                    dir.display(),
+                    ancestor.display()
+                )));
+            }
+            Err(_) => continue,
+        }
+    }
+    Ok(())
+}
+
+/// Checks every path of a command's output files before any is written, so a path that cannot be
+/// written (its folder is a file, or a folder stands where the file goes) fails the command
+/// without leaving some of the other files behind.
+pub fn check_output_paths<P: AsRef<Path>>(paths: &[P]) -> Result<()> {
+    for path in paths {
+        let path = path.as_ref();
+        if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
+            check_output_dir(dir)?;
+        }
+        if let Ok(meta) = std::fs::metadata(path)
+            && !meta.is_file()
+        {
+            return Err(AnalysisError::InvalidArgument(format!(
+                "cannot write {}: a folder or other non-file is in the way; remove it or choose another --out",
+                path.display()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder renamed into place,
 /// creating the folder first. The model crate's [`qwenlens_model::write_atomic`] does the write, so
 /// a symbolic link's target is written and a folder, FIFO or device in the way is rejected.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     if let Some(dir) = path.parent().filter(|dir| !dir.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|source| AnalysisError::Io {
+        std::fs::create_dir_all(dir).map_err(|error| AnalysisError::Io {
             action: "create the folder of",
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
     }
 
@@ -126,6 +173,30 @@ mod tests {
             .to_string();
 
         assert!(error.contains("not a regular file"), "{error}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn output_checks_name_the_file_in_the_way() {
+        let dir = std::env::temp_dir().join(format!("qwenlens-check-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("out/dla.png")).unwrap();
+        std::fs::write(dir.join("afile"), b"x").unwrap();
+
+        let error = check_output_dir(&dir.join("afile"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("must name a folder"), "{error}");
+        let error = check_output_dir(&dir.join("afile/sub"))
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("afile is a file"), "{error}");
+        check_output_dir(&dir.join("new/sub")).unwrap();
+
+        let out = dir.join("out");
+        let paths = [out.join("logit_lens.json"), out.join("dla.png")];
+        let error = check_output_paths(&paths).unwrap_err().to_string();
+        assert!(error.contains("dla.png"), "{error}");
+        assert!(!out.join("logit_lens.json").exists());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

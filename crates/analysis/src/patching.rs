@@ -30,8 +30,9 @@ impl std::str::FromStr for PatternChoice {
     fn from_str(text: &str) -> Result<Self> {
         match text {
             "uniform" => return Ok(PatternChoice::Uniform),
-            "previous" => return Ok(PatternChoice::Previous),
-            "first" => return Ok(PatternChoice::First),
+            // The run-analysis spellings are accepted too, so one --pattern works everywhere.
+            "previous" | "previous-token" => return Ok(PatternChoice::Previous),
+            "first" | "first-token" => return Ok(PatternChoice::First),
             "self" => return Ok(PatternChoice::SelfToken),
             _ => {}
         }
@@ -116,6 +117,42 @@ pub fn pattern_hooks(heads: &[(usize, usize)], spec: &PatternSpec) -> Hooks {
             .map(|&(layer, head)| Intervention::replace_pattern(layer, head, spec.clone()))
             .collect(),
     )
+}
+
+/// Checks that `prompt_len` tokens plus `max_new_tokens` fit the model's context
+/// (max_position_embeddings), before any forward pass runs.
+pub fn check_generation_length(
+    model: &Model,
+    prompt_len: usize,
+    max_new_tokens: usize,
+) -> Result<()> {
+    let max_positions = model.config().max_position_embeddings;
+    if prompt_len.saturating_add(max_new_tokens) > max_positions {
+        return Err(AnalysisError::InvalidArgument(format!(
+            "--max-new-tokens {max_new_tokens} is too large: the prompt's {prompt_len} tokens plus \
+             {max_new_tokens} new ones exceed the model's context of {max_positions} tokens; use \
+             --max-new-tokens {} or less",
+            max_positions.saturating_sub(prompt_len)
+        )));
+    }
+    Ok(())
+}
+
+/// Warns on stderr when `position:P` lies beyond the prompt: until generation reaches P each query
+/// attends to itself, the same as the `self` pattern, which is easy to pick by mistake.
+pub fn warn_position_beyond_prompt(choice: &PatternChoice, prompt_len: usize) -> bool {
+    match choice {
+        PatternChoice::Position(position) if *position >= prompt_len => {
+            eprintln!(
+                "warning: --pattern position:{position} lies beyond the prompt's {prompt_len} tokens \
+                 (positions 0 to {}); until the generation reaches it, each query attends to \
+                 itself as with --pattern self",
+                prompt_len.saturating_sub(1)
+            );
+            true
+        }
+        _ => false,
+    }
 }
 
 /// Checks `(layer, head)` pairs against the model.
@@ -253,6 +290,25 @@ mod tests {
             "my/p.npy".parse::<PatternChoice>().unwrap(),
             PatternChoice::File("my/p.npy".into())
         );
+    }
+
+    #[test]
+    fn run_analysis_spellings_parse() {
+        assert_eq!(
+            "previous-token".parse::<PatternChoice>().unwrap(),
+            PatternChoice::Previous
+        );
+        assert_eq!(
+            "first-token".parse::<PatternChoice>().unwrap(),
+            PatternChoice::First
+        );
+    }
+
+    #[test]
+    fn position_beyond_the_prompt_is_flagged() {
+        assert!(warn_position_beyond_prompt(&PatternChoice::Position(4), 4));
+        assert!(!warn_position_beyond_prompt(&PatternChoice::Position(3), 4));
+        assert!(!warn_position_beyond_prompt(&PatternChoice::Uniform, 4));
     }
 
     #[test]

@@ -22,10 +22,10 @@ pub fn load_pattern_file(path: &Path, min_len: usize) -> Result<HostTensor> {
         reason,
     };
 
-    let bytes = std::fs::read(path).map_err(|source| AnalysisError::Io {
+    let bytes = std::fs::read(path).map_err(|error| AnalysisError::Io {
         action: "read the pattern file",
         path: path.to_path_buf(),
-        source,
+        error,
     })?;
 
     let extension = path

@@ -670,3 +670,178 @@ fn logit_lens_rejects_multi_token_target() {
 
     assert_failure_mentions(&output, &["2 tokens"]);
 }
+
+#[test]
+fn attention_accepts_all_and_ranges_and_states_the_syntax() {
+    let out = temp_folder("attention-layer-syntax");
+    let dir = out.to_str().unwrap();
+
+    let all = qwenlens(
+        "attention",
+        &["--prompt", LEN7_TEXT, "--layers", "all", "--out", dir],
+    );
+    assert_success(&all);
+    assert!(out.join("L1_grid.png").is_file());
+
+    let range = qwenlens(
+        "attention",
+        &["--prompt", LEN7_TEXT, "--layers", "0-1", "--out", dir],
+    );
+    assert_success(&range);
+
+    let bad = qwenlens(
+        "attention",
+        &["--prompt", LEN7_TEXT, "--layers", "one", "--out", dir],
+    );
+    assert_failure_mentions(&bad, &["'one'", "all, or layers and ranges such as 0, 0,5"]);
+}
+
+#[test]
+fn patch_accepts_the_run_analysis_spellings() {
+    let out = temp_folder("patch-spellings");
+
+    for pattern in ["previous-token", "first-token"] {
+        let output = qwenlens(
+            "patch",
+            &[
+                "--prompt",
+                LEN7_TEXT,
+                "--layer",
+                "0",
+                "--head",
+                "0",
+                "--pattern",
+                pattern,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert_success(&output);
+    }
+}
+
+#[test]
+fn patch_checks_max_new_tokens_and_warns_on_a_late_position() {
+    let out = temp_folder("patch-max-new-tokens");
+    let args = |max_new_tokens: &'static str, pattern: &'static str| {
+        qwenlens(
+            "patch",
+            &[
+                "--prompt",
+                LEN7_TEXT,
+                "--layer",
+                "0",
+                "--head",
+                "0",
+                "--pattern",
+                pattern,
+                "--max-new-tokens",
+                max_new_tokens,
+                "--greedy",
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        )
+    };
+
+    let too_long = args("100000", "position:3");
+    assert_failure_mentions(&too_long, &["--max-new-tokens 100000 is too large"]);
+
+    let late = args("2", "position:999");
+    assert_success(&late);
+    assert!(
+        stderr(&late).contains("warning: --pattern position:999 lies beyond the prompt"),
+        "{}",
+        stderr(&late)
+    );
+}
+
+#[test]
+fn logit_lens_rejects_top_out_of_range() {
+    let out = temp_folder("logit-lens-top");
+
+    for top in ["0", "101"] {
+        let output = qwenlens(
+            "logit-lens",
+            &[
+                "--prompt",
+                LEN7_TEXT,
+                "--top",
+                top,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+        );
+        assert_failure_mentions(&output, &[&format!("--top {top}"), "between 1 and 100"]);
+    }
+}
+
+#[test]
+fn logit_lens_checks_every_output_before_writing() {
+    let out = temp_folder("logit-lens-outputs");
+    std::fs::create_dir_all(out.join("dla.png")).unwrap();
+
+    let output = qwenlens(
+        "logit-lens",
+        &["--prompt", LEN7_TEXT, "--out", out.to_str().unwrap()],
+    );
+
+    assert_failure_mentions(&output, &["dla.png"]);
+    assert!(!out.join("logit_lens.json").exists());
+    assert!(!out.join("logit_lens.png").exists());
+}
+
+#[test]
+fn out_that_is_a_file_is_named_as_such() {
+    let dir = temp_folder("out-file");
+    let file = dir.join("afile");
+    std::fs::write(&file, b"x").unwrap();
+
+    for subcommand in ["attention", "ablate", "logit-lens"] {
+        let output = qwenlens(
+            subcommand,
+            &["--prompt", LEN7_TEXT, "--out", file.to_str().unwrap()],
+        );
+        assert_failure_mentions(&output, &["afile is a file", "must name a folder"]);
+    }
+}
+
+#[test]
+fn identical_answer_and_wrong_tokens_are_rejected() {
+    let out = temp_folder("identical-tokens");
+
+    let patch = qwenlens(
+        "activation-patch",
+        &[
+            "--clean",
+            "The quick brown fox jumps",
+            "--corrupted",
+            "The slow brown fox jumps",
+            "--answer",
+            " the",
+            "--wrong",
+            " the",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_failure_mentions(&patch, &["the same token", "--wrong"]);
+
+    let ablate = qwenlens(
+        "ablate",
+        &[
+            "--prompt",
+            LEN7_TEXT,
+            "--metric",
+            "logit-diff",
+            "--target",
+            " lazy",
+            "--distractor",
+            " lazy",
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_failure_mentions(&ablate, &["the same token", "--distractor"]);
+    assert!(!out.join("importance.csv").exists());
+}

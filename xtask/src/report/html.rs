@@ -540,4 +540,17 @@ mod tests {
 
         assert_eq!(page.matches("</script>").count(), 2, "{page}");
     }
+
+    #[test]
+    fn unswept_heads_are_marked_alike_in_both_tables() {
+        // The query-head grid is drawn by the script: an unswept head (null delta) gets the
+        // KV-groups table's dash and "not swept", never a "?" or a click handler.
+        let grid = &SCRIPT[SCRIPT.find("buildImportanceGrid").unwrap()..];
+        let unswept = grid.find("if (!Number.isFinite(delta))").unwrap();
+        let click = grid.find("addEventListener(\"click\"").unwrap();
+        assert!(unswept < click);
+        assert!(grid[unswept..click].contains("\"not swept\""));
+        assert!(grid[unswept..click].contains("\\u2013"));
+        assert!(!grid.contains("\"?\""));
+    }
 }

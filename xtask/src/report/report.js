@@ -173,10 +173,17 @@
       tr.appendChild(document.createElement("th")).textContent = String(layer);
       row.forEach((delta, head) => {
         const cell = tr.insertCell();
-        const alpha = largest > 0 && Number.isFinite(delta) ? Math.abs(delta) / largest : 0;
+        // A head of a layer outside --sweep-layers has no delta (NaN, null in JSON): marked as
+        // the KV-groups table marks it, and not clickable.
+        if (!Number.isFinite(delta)) {
+          cell.textContent = "\u2013";
+          cell.title = "not swept";
+          return;
+        }
+        const alpha = largest > 0 ? Math.abs(delta) / largest : 0;
         cell.style.background = delta >= 0 ? "rgba(220, 38, 38, " + alpha + ")" : "rgba(37, 99, 235, " + alpha + ")";
         cell.style.color = alpha > 0.55 ? "#ffffff" : "";
-        cell.textContent = Number.isFinite(delta) ? delta.toFixed(2) : "?";
+        cell.textContent = delta.toFixed(2);
         cell.title = "layer " + layer + " head " + head + ": \u0394 loss " + delta;
         cell.addEventListener("click", () => openHead(layer, head));
       });

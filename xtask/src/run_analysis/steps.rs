@@ -7,7 +7,9 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use qwenlens_analysis::attention::{HeadStats, head_name, head_stats, layer_stats};
+use qwenlens_analysis::layers::LayerSelection;
 use qwenlens_analysis::output::{write_csv, write_png};
+use qwenlens_analysis::patching::check_generation_length;
 use qwenlens_analysis::pattern_file::load_pattern_file;
 use qwenlens_analysis::render::{ColorScale, Heatmap};
 use qwenlens_analysis::tokens::position_labels;
@@ -56,8 +58,9 @@ impl PatternChoice {
     pub fn parse(text: &str) -> anyhow::Result<PatternChoice> {
         let choice = match text {
             "uniform" => PatternChoice::Uniform,
-            "previous-token" => PatternChoice::PreviousToken,
-            "first-token" => PatternChoice::FirstToken,
+            // The qwenlens CLI spellings are accepted too, so one --pattern works everywhere.
+            "previous-token" | "previous" => PatternChoice::PreviousToken,
+            "first-token" | "first" => PatternChoice::FirstToken,
             "self" => PatternChoice::SelfToken,
             _ => {
                 if let Some(position) = text.strip_prefix("position:") {
@@ -102,67 +105,12 @@ impl PatternChoice {
     }
 }
 
-/// `--layers` as given: every layer, or a list.
-#[derive(Clone, Debug, PartialEq)]
-pub enum LayerChoice {
-    All,
-    List(Vec<usize>),
-}
-
-impl LayerChoice {
-    /// Parses `all` or a comma-separated list of layers and ranges (`0-3,23`).
-    pub fn parse(text: &str) -> anyhow::Result<LayerChoice> {
-        if text.trim() == "all" {
-            return Ok(LayerChoice::All);
-        }
-
-        let mut layers = Vec::new();
-        for part in text.split(',').map(str::trim) {
-            let invalid = || {
-                format!(
-                    "invalid --layers {text:?}: expected all, or layers and ranges such as 0,5 or 0-3 (at {part:?})"
-                )
-            };
-            match part.split_once('-') {
-                Some((first, last)) => {
-                    let first: usize = first.trim().parse().with_context(invalid)?;
-                    let last: usize = last.trim().parse().with_context(invalid)?;
-                    if first > last {
-                        bail!("{}", invalid());
-                    }
-                    layers.extend(first..=last);
-                }
-                None => layers.push(part.parse().with_context(invalid)?),
-            }
-        }
-        layers.sort_unstable();
-        layers.dedup();
-        Ok(LayerChoice::List(layers))
-    }
-
-    /// Lists the layers, checked against the model's `n_layers`.
-    pub fn resolve(&self, n_layers: usize) -> anyhow::Result<Vec<usize>> {
-        match self {
-            LayerChoice::All => Ok((0..n_layers).collect()),
-            LayerChoice::List(layers) => {
-                if let Some(&bad) = layers.iter().find(|&&l| l >= n_layers) {
-                    bail!(
-                        "invalid --layers: layer {bad} does not exist, the model has layers 0 to {}",
-                        n_layers - 1
-                    );
-                }
-                Ok(layers.clone())
-            }
-        }
-    }
-}
-
 /// Options checked before the run starts, so a typo fails before the model loads.
 pub struct Plan {
     pub device: Device,
     pub source: ModelSource,
-    pub layers: LayerChoice,
-    pub sweep_layers: LayerChoice,
+    pub layers: LayerSelection,
+    pub sweep_layers: LayerSelection,
     pub pattern: PatternChoice,
 }
 
@@ -183,8 +131,8 @@ impl Plan {
         Ok(Plan {
             device: args.device.parse()?,
             source: ModelSource::parse(&args.model, &args.revision)?,
-            layers: LayerChoice::parse(&args.layers)?,
-            sweep_layers: LayerChoice::parse(&args.sweep_layers)?,
+            layers: args.layers.parse().context("in --layers")?,
+            sweep_layers: args.sweep_layers.parse().context("in --sweep-layers")?,
             pattern: PatternChoice::parse(&args.pattern)?,
         })
     }
@@ -192,11 +140,18 @@ impl Plan {
 
 /// Runs every step in order; the first failure stops the run.
 pub fn run_steps(args: &Args, plan: &Plan, runner: &mut Runner) -> anyhow::Result<()> {
-    let model = runner.step("load the model", |run| load_model(args, plan, run))?;
-    let layers = plan.layers.resolve(model.n_layers())?;
-    let sweep_layers = plan.sweep_layers.resolve(model.n_layers())?;
+    let (model, layers, sweep_layers) =
+        runner.step("load the model", |run| load_model(args, plan, run))?;
 
-    let prompt = runner.step("format the chat", |run| format_chat(args, &model, run))?;
+    // The pattern is built here, as soon as the sequence length is known, so a file that cannot
+    // cover the prompt plus --max-new-tokens fails before generation and the sweep.
+    let (prompt, spec) = runner.step("format the chat", |run| {
+        let prompt = format_chat(args, &model, run)?;
+        check_generation_length(&model, prompt.ids.len(), args.max_new_tokens)?;
+        let spec = plan.pattern.spec(prompt.ids.len() + args.max_new_tokens)?;
+        warn_position_beyond_prompt(&plan.pattern, prompt.ids.len());
+        Ok((prompt, spec))
+    })?;
     let options = generate_options(args, &model);
     let generation = runner.step("generate", |run| {
         generate_clean(&model, &prompt, &options, run)
@@ -216,14 +171,36 @@ pub fn run_steps(args: &Args, plan: &Plan, runner: &mut Runner) -> anyhow::Resul
         name_head(&model, &prompt, &sweep, run)
     })?;
     runner.step("patch the head and generate again", |run| {
-        patch_head(plan, &model, &prompt, &scored, head, &options, run)
+        patch_head(plan, spec, &model, &prompt, &scored, head, &options, run)
     })?;
     Ok(())
 }
 
-fn load_model(args: &Args, plan: &Plan, run: &mut Runner) -> anyhow::Result<Model> {
+/// Warns when `position:P` lies beyond the prompt: each query then attends to itself until the
+/// generation reaches P, which equals `self` on the prompt and is easy to pick by mistake.
+fn warn_position_beyond_prompt(choice: &PatternChoice, prompt_len: usize) {
+    if let PatternChoice::Position(position) = choice
+        && *position >= prompt_len
+    {
+        eprintln!(
+            "warning: --pattern position:{position} lies beyond the prompt's {prompt_len} tokens (0 to {}); until the generation reaches it, each query attends to itself as with --pattern self",
+            prompt_len.saturating_sub(1)
+        );
+    }
+}
+
+/// Loads the model and resolves --layers and --sweep-layers against its config before the weights
+/// are uploaded, so a layer that does not exist fails at once.
+fn load_model(
+    args: &Args,
+    plan: &Plan,
+    run: &mut Runner,
+) -> anyhow::Result<(Model, Vec<usize>, Vec<usize>)> {
     let checkpoint = Checkpoint::load(&plan.source)
         .with_context(|| format!("failed to load model {}", args.model))?;
+    let n_layers = checkpoint.config().n_layers();
+    let layers = plan.layers.resolve(n_layers, "--layers")?;
+    let sweep_layers = plan.sweep_layers.resolve(n_layers, "--sweep-layers")?;
     let backend = create_backend(plan.device)
         .with_context(|| format!("failed to create the {} backend", args.device))?;
     eprintln!(
@@ -256,7 +233,7 @@ fn load_model(args: &Args, plan: &Plan, run: &mut Runner) -> anyhow::Result<Mode
         d_vocab: config.d_vocab(),
         parameters: checkpoint.parameter_count() as u64,
     });
-    Ok(model)
+    Ok((model, layers, sweep_layers))
 }
 
 fn format_chat(args: &Args, model: &Model, run: &mut Runner) -> anyhow::Result<Prompt> {
@@ -671,8 +648,10 @@ fn name_head(
     Ok(head)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn patch_head(
     plan: &Plan,
+    spec: PatternSpec,
     model: &Model,
     prompt: &Prompt,
     scored: &[u32],
@@ -680,9 +659,6 @@ fn patch_head(
     options: &GenerateOptions,
     run: &mut Runner,
 ) -> anyhow::Result<()> {
-    let spec = plan
-        .pattern
-        .spec(prompt.ids.len() + options.max_new_tokens)?;
     let hooks = Hooks::from_interventions(vec![Intervention::replace_pattern(
         head.layer, head.head, spec,
     )]);
@@ -813,10 +789,16 @@ mod tests {
         assert_eq!(runner.patterns.len(), 2);
     }
 
+    /// Reads back the `summary.json` that a run left in `out`.
+    fn saved_status(out: &Path) -> serde_json::Value {
+        let text = std::fs::read_to_string(out.join("summary.json")).unwrap();
+        serde_json::from_str::<serde_json::Value>(&text).unwrap()["status"].clone()
+    }
+
     #[test]
-    fn tiny_model_failure_keeps_files() {
+    fn small_pattern_file_fails_once_the_chat_is_formatted() {
         let dir = tempfile::tempdir().unwrap();
-        // A [2, 2] pattern cannot cover the prompt, so the last step fails.
+        // A [2, 2] pattern cannot cover the prompt, so the run stops before generating.
         let pattern = dir.path().join("small.npy");
         let mut npy = b"\x93NUMPY\x01\x00".to_vec();
         let header = "{'descr': '<f4', 'fortran_order': False, 'shape': (2, 2), }";
@@ -833,11 +815,10 @@ mod tests {
 
         let error = result.unwrap_err();
         let message = format!("{error:#}");
-        assert!(message.contains("stopped at step 8 of 8"), "{message}");
-        assert!(message.contains("importance.csv"), "{message}");
-        assert!(out.join("importance.png").is_file());
+        assert!(message.contains("stopped at step 2 of 8"), "{message}");
+        assert!(message.contains("[2, 2]"), "{message}");
         assert!(out.join("report.html").is_file());
-        assert!(!out.join("patched_generation.txt").exists());
+        assert!(!out.join("generation.txt").exists());
         let names: Vec<String> = std::fs::read_dir(&out)
             .unwrap()
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
@@ -846,33 +827,40 @@ mod tests {
             names.iter().all(|n| !n.ends_with(".partial")),
             "a temporary file was left: {names:?}"
         );
-        assert!(runner.summary.patch.is_none());
+        assert!(runner.summary.generation.is_none());
+        assert_eq!(saved_status(&out)["state"], "stopped");
     }
 
     #[test]
-    fn layer_choice_lists_and_ranges() {
-        assert_eq!(LayerChoice::parse("all").unwrap(), LayerChoice::All);
-        assert_eq!(
-            LayerChoice::parse("5, 0-2,2").unwrap(),
-            LayerChoice::List(vec![0, 1, 2, 5])
-        );
-    }
+    fn missing_layer_stops_the_run_before_the_weights_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run");
 
-    #[test]
-    fn layer_choice_rejects_bad_input() {
-        for text in ["", "x", "3-1", "1-", "-2"] {
-            assert!(LayerChoice::parse(text).is_err(), "{text:?} was accepted");
-        }
-    }
+        let (result, runner) = run_tiny(&out, &["--sweep-layers", "5"]);
 
-    #[test]
-    fn layer_choice_checks_range() {
-        let error = LayerChoice::List(vec![0, 24]).resolve(24).unwrap_err();
-
+        let message = format!("{:#}", result.unwrap_err());
+        assert!(message.contains("stopped at step 1 of 8"), "{message}");
         assert!(
-            error.to_string().contains("layer 24 does not exist"),
-            "{error}"
+            message.contains("invalid --sweep-layers: layer 5 does not exist"),
+            "{message}"
         );
+        assert!(runner.summary.model.is_none());
+        let status = saved_status(&out);
+        assert_eq!(status["state"], "stopped", "{status}");
+    }
+
+    #[test]
+    fn options_fail_before_the_run_with_the_option_named() {
+        for (flag, value, expected) in [
+            ("--layers", "x", "in --layers"),
+            ("--sweep-layers", "3-1", "in --sweep-layers"),
+        ] {
+            let args = Command::parse_from(["xtask", flag, value]).args;
+            let error = Plan::from_args(&args).err().expect("accepted a bad value");
+            let message = format!("{error:#}");
+            assert!(message.contains(expected), "{message}");
+            assert!(message.contains("0-3,23"), "{message}");
+        }
     }
 
     #[test]
@@ -884,6 +872,14 @@ mod tests {
         assert_eq!(
             PatternChoice::parse("position:3").unwrap(),
             PatternChoice::Position(3)
+        );
+        assert_eq!(
+            PatternChoice::parse("previous").unwrap(),
+            PatternChoice::PreviousToken
+        );
+        assert_eq!(
+            PatternChoice::parse("first").unwrap(),
+            PatternChoice::FirstToken
         );
         assert!(PatternChoice::parse("position:x").is_err());
         assert!(PatternChoice::parse("no-such-pattern").is_err());

@@ -2,14 +2,14 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use clap::ValueEnum;
 use indicatif::{ProgressBar, ProgressStyle};
 use qwenlens_analysis::ablation::{
     AblationLevel, AblationMode, SweepOptions, SweepStrategy, sweep,
 };
+use qwenlens_analysis::layers::LayerSelection;
 use qwenlens_analysis::metrics::{Metric, argmax};
-use qwenlens_analysis::output::write_png;
+use qwenlens_analysis::output::{check_output_paths, write_png};
 use qwenlens_analysis::tokens::{DEFAULT_LABEL_WIDTH, resolve_token, token_label};
 use qwenlens_model::TokenBatch;
 
@@ -73,9 +73,9 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "head")]
     pub level: LevelArg,
 
-    /// Layers to sweep, comma-separated [default: all].
-    #[arg(long, value_delimiter = ',', value_name = "L,...")]
-    pub layers: Option<Vec<usize>>,
+    /// Layers to sweep: all, or layers and ranges such as 0, 0,5 or 0-3,23 [default: all].
+    #[arg(long, value_name = "LAYERS")]
+    pub layers: Option<LayerSelection>,
 
     /// Ablations per batched forward pass [default: as many as keep the largest buffer under
     /// 96 MiB].
@@ -93,6 +93,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    qwenlens_analysis::output::check_output_dir(&args.out)?;
     let model = crate::common::load_model(&args.model)?;
     let tokens = crate::common::prompt_ids(&model, &args.prompt)?;
     let metric = metric(&args, &model, &tokens)?;
@@ -112,7 +113,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         } else {
             SweepStrategy::Fast
         },
-        layers: args.layers.clone(),
+        layers: args
+            .layers
+            .as_ref()
+            .map(|layers| layers.resolve(model.config().n_layers(), "--layers"))
+            .transpose()?,
         batch_size: args.batch_size,
     };
     if options.batch_size == Some(0) {
@@ -131,11 +136,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     })?;
     progress.finish_and_clear();
 
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    report.write_csv(&args.out.join("importance.csv"))?;
-    report.write_json(&args.out.join("importance.json"))?;
-    write_png(&args.out.join("importance.png"), &report.heatmap().render())?;
+    let paths = ["importance.csv", "importance.json", "importance.png"].map(|n| args.out.join(n));
+    check_output_paths(&paths)?;
+    report.write_csv(&paths[0])?;
+    report.write_json(&paths[1])?;
+    write_png(&paths[2], &report.heatmap().render())?;
 
     let unit = match options.level {
         AblationLevel::Head => "query head (hook_z)",

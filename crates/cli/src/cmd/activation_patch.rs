@@ -46,6 +46,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     if args.batch_size == Some(0) {
         anyhow::bail!("--batch-size must be at least 1");
     }
+    qwenlens_analysis::output::check_output_dir(&args.out)?;
     let model = crate::common::load_model(&args.model)?;
     let tokenizer = model.tokenizer().ok_or_else(|| {
         anyhow::anyhow!(

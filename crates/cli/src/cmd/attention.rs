@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use qwenlens_analysis::attention_report::analyze_attention;
+use qwenlens_analysis::layers::LayerSelection;
 
 use crate::common::{ModelArgs, PromptArgs};
 
@@ -14,9 +15,9 @@ pub struct Args {
     #[command(flatten)]
     pub prompt: PromptArgs,
 
-    /// Layers to analyse, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "0", value_name = "L,...")]
-    pub layers: Vec<usize>,
+    /// Layers to analyse: all, or layers and ranges such as 0, 0,5 or 0-3,23.
+    #[arg(long, default_value = "0", value_name = "LAYERS")]
+    pub layers: LayerSelection,
 
     /// Query heads to analyse, comma-separated [default: all].
     #[arg(long, value_delimiter = ',', value_name = "H,...")]
@@ -29,10 +30,12 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    qwenlens_analysis::output::check_output_dir(&args.out)?;
     let model = crate::common::load_model(&args.model)?;
     let tokens = crate::common::prompt_ids(&model, &args.prompt)?;
 
-    let report = analyze_attention(&model, &tokens, &args.layers, args.heads.as_deref())?;
+    let layers = args.layers.resolve(model.config().n_layers(), "--layers")?;
+    let report = analyze_attention(&model, &tokens, &layers, args.heads.as_deref())?;
     let written = report.write(&args.out)?;
 
     println!(

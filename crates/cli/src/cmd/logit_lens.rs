@@ -20,7 +20,7 @@ pub struct Args {
     #[arg(long, value_name = "TOKEN")]
     pub target: Option<String>,
 
-    /// Top tokens listed per layer.
+    /// Top tokens listed per layer (1 to 100).
     #[arg(long, default_value_t = 5, value_name = "K")]
     pub top: usize,
 
@@ -30,6 +30,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
+    qwenlens_analysis::output::check_output_dir(&args.out)?;
     let model = crate::common::load_model(&args.model)?;
     let tokens = crate::common::prompt_ids(&model, &args.prompt)?;
     let target = args
@@ -38,7 +39,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|text| resolve_token(text, model.tokenizer(), model.config().d_vocab()))
         .transpose()?;
 
-    let report = logit_lens(&model, &tokens, target, args.top.max(1))?;
+    let report = logit_lens(&model, &tokens, target, args.top)?;
     let written = report.write(&args.out)?;
 
     let label = |text: &str| token_label(text, DEFAULT_LABEL_WIDTH);

@@ -6,7 +6,8 @@ use std::path::PathBuf;
 use anyhow::Context;
 use qwenlens_analysis::output::write_json;
 use qwenlens_analysis::patching::{
-    Continuations, PatchSummary, PatternChoice, check_heads, patch_patterns, pattern_hooks,
+    Continuations, PatchSummary, PatternChoice, check_generation_length, check_heads,
+    patch_patterns, pattern_hooks, warn_position_beyond_prompt,
 };
 use qwenlens_model::{Hooks, Sampling};
 
@@ -51,10 +52,13 @@ pub struct Args {
 
 pub fn run(args: Args) -> anyhow::Result<()> {
     let choice: PatternChoice = args.pattern.parse()?;
+    qwenlens_analysis::output::check_output_dir(&args.out)?;
     let model = crate::common::load_model(&args.model)?;
     let tokens = crate::common::prompt_ids(&model, &args.prompt)?;
     let heads = [(args.layer, args.head)];
     check_heads(&model, &heads)?;
+    check_generation_length(&model, tokens.len(), args.max_new_tokens)?;
+    warn_position_beyond_prompt(&choice, tokens.len());
 
     let spec = choice.to_spec(tokens.len() + args.max_new_tokens)?;
     let outcome = patch_patterns(&model, &tokens, &heads, &spec)?;
