@@ -1,4 +1,4 @@
-use crate::{DType, Result, Tensor, Weight};
+use crate::{DType, KernelError, Result, Tensor, Weight};
 
 /// Shape and masking of one attention call.
 ///
@@ -22,6 +22,110 @@ pub struct AttentionParams {
     pub want_scores: bool,
     /// Return the pattern (after any override), TransformerLens's `hook_pattern`.
     pub want_pattern: bool,
+}
+
+impl AttentionParams {
+    /// Checks `q`, `k`, `v` and the pattern overrides against these parameters, so that every backend
+    /// rejects the same inputs with the same errors before any work starts. Operands may be
+    /// `[rows, heads, d_head]` or flat `[rows, heads * d_head]`.
+    pub fn validate(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        overrides: &[PatternOverride],
+    ) -> Result<()> {
+        let p = self;
+        if p.batch == 0 || p.n_heads == 0 || p.n_kv_heads == 0 || p.d_head == 0 {
+            return Err(attention_shape_error(format!(
+                "batch ({}), n_heads ({}), n_kv_heads ({}) and d_head ({}) must be positive",
+                p.batch, p.n_heads, p.n_kv_heads, p.d_head
+            )));
+        }
+        if !p.n_heads.is_multiple_of(p.n_kv_heads) {
+            return Err(attention_shape_error(format!(
+                "n_heads {} must be a multiple of n_kv_heads {}",
+                p.n_heads, p.n_kv_heads
+            )));
+        }
+        if p.q_len > p.kv_len {
+            return Err(attention_shape_error(format!(
+                "q_len {} exceeds kv_len {}: queries must be the last q_len of the kv_len positions",
+                p.q_len, p.kv_len
+            )));
+        }
+        if p.key_start.len() != p.batch {
+            return Err(attention_shape_error(format!(
+                "key_start has {} entries for a batch of {}",
+                p.key_start.len(),
+                p.batch
+            )));
+        }
+        if let Some(&start) = p.key_start.iter().find(|&&start| start > p.kv_len) {
+            return Err(KernelError::OutOfRange {
+                op: "attention",
+                what: "key_start",
+                value: start,
+                limit: p.kv_len + 1,
+            });
+        }
+        check_attention_operand("q", q, p.batch * p.q_len, p.n_heads, p.d_head)?;
+        check_attention_operand("k", k, p.batch * p.kv_len, p.n_kv_heads, p.d_head)?;
+        check_attention_operand("v", v, p.batch * p.kv_len, p.n_kv_heads, p.d_head)?;
+
+        let mut seen = vec![false; p.n_heads];
+        for o in overrides {
+            if o.head >= p.n_heads {
+                return Err(KernelError::OutOfRange {
+                    op: "attention",
+                    what: "override head",
+                    value: o.head,
+                    limit: p.n_heads,
+                });
+            }
+            if std::mem::replace(&mut seen[o.head], true) {
+                return Err(attention_shape_error(format!(
+                    "two pattern overrides for head {}; give at most one per head",
+                    o.head
+                )));
+            }
+            if o.pattern.shape() != [p.batch, p.q_len, p.kv_len] {
+                return Err(attention_shape_error(format!(
+                    "override pattern of head {} has shape {:?}, expected [{}, {}, {}] (batch, q_len, kv_len)",
+                    o.head,
+                    o.pattern.shape(),
+                    p.batch,
+                    p.q_len,
+                    p.kv_len
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn attention_shape_error(detail: String) -> KernelError {
+    KernelError::Shape {
+        op: "attention",
+        detail,
+    }
+}
+
+/// Checks that `x` is `[rows, heads, d_head]` or its flat form `[rows, heads * d_head]`.
+fn check_attention_operand(
+    name: &str,
+    x: &Tensor,
+    rows: usize,
+    heads: usize,
+    d_head: usize,
+) -> Result<()> {
+    let shape = x.shape();
+    if shape == [rows, heads, d_head] || shape == [rows, heads * d_head] {
+        return Ok(());
+    }
+    Err(attention_shape_error(format!(
+        "{name} has shape {shape:?}, expected [{rows}, {heads}, {d_head}] (batch * len, heads, d_head)"
+    )))
 }
 
 /// A replacement for one query head's attention pattern, applied after the softmax and before `z`.

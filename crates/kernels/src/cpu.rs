@@ -439,7 +439,7 @@ impl Backend for CpuBackend {
     ) -> Result<AttentionOutput> {
         let op = "attention";
         let (q_values, k_values, v_values) = (data(q, op)?, data(k, op)?, data(v, op)?);
-        attention::validate(q, k, v, params, overrides)?;
+        params.validate(q, k, v, overrides)?;
         let override_values = overrides
             .iter()
             .map(|o| Ok((o.head, data(&o.pattern, op)?)))

@@ -5,98 +5,13 @@ use rayon::prelude::*;
 use gemm::Parallelism;
 
 use super::OutPtr;
-use crate::backend::{AttentionParams, PatternOverride};
-use crate::{KernelError, Result, Tensor};
+use crate::backend::AttentionParams;
 
 /// Outputs of [`attention`] as flat buffers.
 pub(super) struct Outputs {
     pub z: Vec<f32>,
     pub scores: Option<Vec<f32>>,
     pub pattern: Option<Vec<f32>>,
-}
-
-fn shape_error(detail: String) -> KernelError {
-    KernelError::Shape {
-        op: "attention",
-        detail,
-    }
-}
-
-/// Checks that `x` is `[rows, heads, d_head]` (or its flat form `[rows, heads * d_head]`).
-fn check_operand(name: &str, x: &Tensor, rows: usize, heads: usize, d_head: usize) -> Result<()> {
-    let shape = x.shape();
-    if shape == [rows, heads, d_head] || shape == [rows, heads * d_head] {
-        Ok(())
-    } else {
-        Err(shape_error(format!(
-            "{name} has shape {shape:?}, expected [{rows}, {heads}, {d_head}] (batch * len, heads, d_head)"
-        )))
-    }
-}
-
-/// Checks the operands against `params` before any work starts.
-pub(super) fn validate(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    params: &AttentionParams,
-    overrides: &[PatternOverride],
-) -> Result<()> {
-    let p = params;
-    if p.d_head == 0 {
-        return Err(shape_error("d_head must be positive".to_string()));
-    }
-    if p.n_kv_heads == 0 || !p.n_heads.is_multiple_of(p.n_kv_heads) {
-        return Err(shape_error(format!(
-            "n_heads {} must be a positive multiple of n_kv_heads {}",
-            p.n_heads, p.n_kv_heads
-        )));
-    }
-    if p.q_len > p.kv_len {
-        return Err(shape_error(format!(
-            "q_len {} exceeds kv_len {}: queries must be the last q_len of the kv_len positions",
-            p.q_len, p.kv_len
-        )));
-    }
-    if p.key_start.len() != p.batch {
-        return Err(shape_error(format!(
-            "key_start has {} entries for a batch of {}",
-            p.key_start.len(),
-            p.batch
-        )));
-    }
-    check_operand("q", q, p.batch * p.q_len, p.n_heads, p.d_head)?;
-    check_operand("k", k, p.batch * p.kv_len, p.n_kv_heads, p.d_head)?;
-    check_operand("v", v, p.batch * p.kv_len, p.n_kv_heads, p.d_head)?;
-
-    let mut seen = vec![false; p.n_heads];
-    for o in overrides {
-        if o.head >= p.n_heads {
-            return Err(KernelError::OutOfRange {
-                op: "attention",
-                what: "override head",
-                value: o.head,
-                limit: p.n_heads,
-            });
-        }
-        if std::mem::replace(&mut seen[o.head], true) {
-            return Err(shape_error(format!(
-                "two pattern overrides for head {}; give at most one per head",
-                o.head
-            )));
-        }
-        if o.pattern.shape() != [p.batch, p.q_len, p.kv_len] {
-            return Err(shape_error(format!(
-                "override pattern of head {} has shape {:?}, expected [{}, {}, {}] (batch, q_len, kv_len)",
-                o.head,
-                o.pattern.shape(),
-                p.batch,
-                p.q_len,
-                p.kv_len
-            )));
-        }
-    }
-    Ok(())
 }
 
 /// Query rows per rayon task: enough rows for `gemm` to reach its speed, few enough that the

@@ -1,102 +1,8 @@
 //! Grouped-query attention: scores, softmax, pattern overrides and z, in one command buffer.
 
-use crate::{AttentionOutput, AttentionParams, KernelError, PatternOverride, Result, Tensor};
+use crate::{AttentionOutput, AttentionParams, PatternOverride, Result, Tensor};
 
 use super::GpuBackend;
-
-fn check_shapes(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    p: &AttentionParams,
-    overrides: &[PatternOverride],
-) -> Result<()> {
-    let op = "attention";
-    let shape_error = |detail: String| Err(KernelError::Shape { op, detail });
-
-    if p.batch == 0 || p.n_heads == 0 || p.n_kv_heads == 0 || p.d_head == 0 {
-        return shape_error(format!(
-            "batch ({}), n_heads ({}), n_kv_heads ({}) and d_head ({}) must be positive",
-            p.batch, p.n_heads, p.n_kv_heads, p.d_head
-        ));
-    }
-    if !p.n_heads.is_multiple_of(p.n_kv_heads) {
-        return shape_error(format!(
-            "n_heads {} is not a multiple of n_kv_heads {}",
-            p.n_heads, p.n_kv_heads
-        ));
-    }
-    if p.q_len > p.kv_len {
-        return shape_error(format!("q_len {} exceeds kv_len {}", p.q_len, p.kv_len));
-    }
-    if q.numel() != p.batch * p.q_len * p.n_heads * p.d_head {
-        return shape_error(format!(
-            "q {:?} is not [batch * q_len, n_heads, d_head] = [{} * {}, {}, {}]",
-            q.shape(),
-            p.batch,
-            p.q_len,
-            p.n_heads,
-            p.d_head
-        ));
-    }
-    for (name, t) in [("k", k), ("v", v)] {
-        if t.numel() != p.batch * p.kv_len * p.n_kv_heads * p.d_head {
-            return shape_error(format!(
-                "{name} {:?} is not [batch * kv_len, n_kv_heads, d_head] = [{} * {}, {}, {}]",
-                t.shape(),
-                p.batch,
-                p.kv_len,
-                p.n_kv_heads,
-                p.d_head
-            ));
-        }
-    }
-    if p.key_start.len() != p.batch {
-        return shape_error(format!(
-            "key_start has {} entries for batch {}",
-            p.key_start.len(),
-            p.batch
-        ));
-    }
-    if let Some(&start) = p.key_start.iter().find(|&&start| start > p.kv_len) {
-        return Err(KernelError::OutOfRange {
-            op,
-            what: "key_start",
-            value: start,
-            limit: p.kv_len + 1,
-        });
-    }
-    for (index, o) in overrides.iter().enumerate() {
-        if overrides[..index]
-            .iter()
-            .any(|earlier| earlier.head == o.head)
-        {
-            return shape_error(format!(
-                "two pattern overrides for head {}; give at most one per head",
-                o.head
-            ));
-        }
-        if o.head >= p.n_heads {
-            return Err(KernelError::OutOfRange {
-                op,
-                what: "override head",
-                value: o.head,
-                limit: p.n_heads,
-            });
-        }
-        if o.pattern.numel() != p.batch * p.q_len * p.kv_len {
-            return shape_error(format!(
-                "override pattern of head {} is {:?}, expected [batch, q_len, kv_len] = [{}, {}, {}]",
-                o.head,
-                o.pattern.shape(),
-                p.batch,
-                p.q_len,
-                p.kv_len
-            ));
-        }
-    }
-    Ok(())
-}
 
 impl GpuBackend {
     pub(super) fn attention_impl(
@@ -108,7 +14,7 @@ impl GpuBackend {
         overrides: &[PatternOverride],
     ) -> Result<AttentionOutput> {
         let op = "attention";
-        check_shapes(q, k, v, p, overrides)?;
+        p.validate(q, k, v, overrides)?;
 
         let map_shape = vec![p.batch, p.n_heads, p.q_len, p.kv_len];
         let scores = self.ctx.new_tensor(op, map_shape.clone())?;
