@@ -4,16 +4,11 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use qwenlens_tests::fixtures_dir;
+
 use qwenlens_analysis::output::read_png;
 
 const LEN7_TEXT: &str = "The quick brown fox jumps over the";
-
-fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("QWENLENS_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
-    }
-}
 
 fn tiny_gqa() -> String {
     fixtures_dir().join("models/tiny-gqa").display().to_string()

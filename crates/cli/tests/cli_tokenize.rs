@@ -4,36 +4,12 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use qwenlens_tests::{fixtures_dir, standin_dir};
+
 use serde_json::Value;
 
-fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("QWENLENS_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
-    }
-}
-
 fn fixture_model(name: &str) -> String {
-    fixtures_dir()
-        .join("models")
-        .join(name)
-        .display()
-        .to_string()
-}
-
-/// Returns the stand-in checkpoint folder. Its hub cache `hf-home` is beside it.
-fn standin_dir() -> PathBuf {
-    let dir = match std::env::var_os("QWENLENS_STANDIN") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/qwenlens/qwen2.5-0.5b-instruct-standin"),
-    };
-    assert!(
-        dir.join("model.safetensors").is_file(),
-        "stand-in model not found at {}; build it with ../shared/scripts/fetch-standin or set QWENLENS_STANDIN",
-        dir.display()
-    );
-    dir
+    qwenlens_tests::fixture_model(name).display().to_string()
 }
 
 fn qwenlens(args: &[&str], env: &[(&str, &str)]) -> Output {

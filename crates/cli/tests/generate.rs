@@ -5,14 +5,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-const LEN7_TEXT: &str = "The quick brown fox jumps over the";
+use qwenlens_tests::{fixtures_dir, standin_dir};
 
-fn fixtures_dir() -> PathBuf {
-    match std::env::var_os("QWENLENS_FIXTURES") {
-        Some(dir) => PathBuf::from(dir),
-        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/fixtures"),
-    }
-}
+const LEN7_TEXT: &str = "The quick brown fox jumps over the";
 
 fn tiny_gqa() -> String {
     fixtures_dir().join("models/tiny-gqa").display().to_string()
@@ -316,16 +311,6 @@ fn cache_regex_matching_nothing_lists_names() {
     assert!(stderr.contains("blocks.1.hook_resid_post"), "{stderr}");
     assert!(!out.exists());
     std::fs::remove_dir_all(&dir).unwrap();
-}
-
-/// Returns the stand-in checkpoint folder: `$QWENLENS_STANDIN`, or the default output of
-/// `fetch-standin`.
-fn standin_dir() -> PathBuf {
-    match std::env::var_os("QWENLENS_STANDIN") {
-        Some(dir) => PathBuf::from(dir),
-        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-            .join(".cache/qwenlens/qwen2.5-0.5b-instruct-standin"),
-    }
 }
 
 fn ids_of_json_line(stdout: &str) -> Vec<i64> {
