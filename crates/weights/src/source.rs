@@ -50,8 +50,8 @@ pub struct HubSettings {
     pub offline: bool,
     /// Hub URL, `https://huggingface.co` unless `HF_ENDPOINT` sets another.
     pub endpoint: String,
-    /// How long connecting, waiting for an answer or receiving a file may go without any data
-    /// arriving before the download fails as timed out.
+    /// Maximum time without any data arriving (while connecting, waiting for the response or
+    /// receiving a file) before the download fails as timed out.
     pub download_timeout: Duration,
 }
 

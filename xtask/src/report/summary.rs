@@ -1,7 +1,7 @@
 //! The schema of `summary.json`: every number that one `cargo xtask run-analysis` study produced.
 //!
 //! Sections of steps that did not run are `null` (or empty lists), so a run that stopped midway
-//! still writes a valid summary that says where it stopped.
+//! still writes a valid summary that records where it stopped.
 
 use serde::{Deserialize, Serialize};
 

@@ -128,8 +128,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Parses a count or seed, with a message that says what is wrong with a negative value (clap's
-/// own says only "invalid digit").
+/// Parses a count or seed, with a message that names a negative value as the problem (clap's own
+/// message reports only "invalid digit").
 fn whole_number<T: std::str::FromStr>(text: &str) -> Result<T, String>
 where
     T::Err: std::fmt::Display,
